@@ -1,0 +1,237 @@
+//! Reasoning agent, `regions` mode: saliency → connected regions → region classifier → one
+//! category of the bundle's taxonomy per region, with bbox, mask and a description.
+//!
+//! The classifier sees the region's crop (bbox plus the bundle's context margin) resized to its
+//! input size, with the region mask as a fourth channel, so it judges the region in context.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use image::{imageops, GrayImage, RgbImage};
+use serde::Serialize;
+
+use super::regions::connected_regions;
+use super::{batch_settings, ModelInfo};
+use crate::bundle::{Bundle, ReasoningSpec};
+use crate::config::BatchingOverride;
+use crate::engine::batcher::{BatchObserver, Batcher};
+use crate::engine::{load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
+use crate::error::{ErrorClass, JobError};
+use crate::imaging::{dilate, grow_rect, Map};
+
+/// One distorted region, as the action agent and the diagnostics see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Region {
+    pub id: usize,
+    pub category: String,
+    /// `[x, y, w, h]` of the (dilated) mask.
+    pub bbox: [u32; 4],
+    /// Classifier probability of `category`.
+    pub score: f32,
+    pub description: String,
+    pub tool: String,
+    /// Full-image mask, 255 inside: exactly the pixels the action may change.
+    #[serde(skip)]
+    pub mask: GrayImage,
+}
+
+pub struct Reasoning {
+    classifier: Batcher<OnnxModel>,
+    bundle: Arc<Bundle>,
+    spec: ReasoningSpec,
+    pub info: ModelInfo,
+    max_batch_size: usize,
+}
+
+impl Reasoning {
+    pub fn load(
+        bundle: &Arc<Bundle>,
+        engine: &EngineOptions,
+        batching: &BTreeMap<String, BatchingOverride>,
+        observer: Arc<dyn BatchObserver>,
+    ) -> anyhow::Result<Reasoning> {
+        let spec = bundle.manifest.reasoning.clone();
+        let session = load_session(&bundle.path(&spec.classifier), engine)?;
+        let c = i64::from(spec.input_size);
+        let model = OnnxModel::new(
+            session,
+            vec![InputSpec {
+                name: "pixel_values".into(),
+                item_shape: vec![4, c, c],
+            }],
+            "logits",
+            &spec.classifier,
+        )?;
+        let k = model.output_item_shape().first().copied().unwrap_or(-1);
+        let categories = bundle.manifest.taxonomy.categories.len() as i64;
+        if k > 0 && k != categories {
+            anyhow::bail!(
+                "classifier {} outputs {k} logits but the taxonomy has {categories} categories",
+                spec.classifier
+            );
+        }
+        let mut settings = batch_settings("classifier", bundle, batching);
+        if !model.dynamic_batch {
+            settings.max_batch_size = 1;
+        }
+        Ok(Reasoning {
+            classifier: Batcher::spawn("classifier", model, settings, observer),
+            info: ModelInfo::of(bundle, &spec.classifier),
+            bundle: bundle.clone(),
+            spec,
+            max_batch_size: settings.max_batch_size,
+        })
+    }
+
+    /// Finds and classifies the regions whose saliency exceeds `threshold`.
+    pub async fn regions(
+        &self,
+        image: &RgbImage,
+        saliency: &Map,
+        threshold: f32,
+    ) -> Result<Vec<Region>, JobError> {
+        let components = connected_regions(
+            saliency,
+            threshold,
+            self.spec.min_region_pixels,
+            self.spec.max_regions,
+        );
+        let prepared: Vec<(GrayImage, [u32; 4], u32)> = components
+            .into_iter()
+            .map(|c| {
+                // Grown so the repair also covers the blemish's soft edge, below the threshold.
+                let mask = dilate(&c.mask, self.spec.dilate_pixels);
+                let bbox = mask_bbox(&mask).unwrap_or(c.bbox);
+                (mask, bbox, c.pixels)
+            })
+            .collect();
+        let calls = prepared
+            .iter()
+            .map(|(mask, bbox, _)| self.classify(image, mask, *bbox));
+        let logits = futures_util::future::join_all(calls).await;
+        let categories = &self.bundle.manifest.taxonomy.categories;
+        let mut regions = Vec::with_capacity(prepared.len());
+        for (id, ((mask, bbox, pixels), logits)) in prepared.into_iter().zip(logits).enumerate() {
+            let (index, score) = argmax_softmax(&logits?);
+            let category = categories.get(index).cloned().ok_or_else(|| {
+                JobError::new(
+                    ErrorClass::ModelError,
+                    format!("classifier chose category {index}, outside the taxonomy"),
+                )
+            })?;
+            regions.push(Region {
+                id,
+                description: self.bundle.describe(&category, score, pixels),
+                tool: self.bundle.tool_for(&category).to_string(),
+                category,
+                bbox,
+                score,
+                mask,
+            });
+        }
+        Ok(regions)
+    }
+
+    /// The classifier input: RGB crop + mask channel, resized to the classifier's size.
+    pub fn request(&self, image: &RgbImage, mask: &GrayImage, bbox: [u32; 4]) -> Vec<TensorData> {
+        let [x, y, w, h] = grow_rect(bbox, self.spec.context, image.width(), image.height());
+        let c = self.spec.input_size;
+        let crop = imageops::crop_imm(image, x, y, w, h).to_image();
+        let crop = imageops::resize(&crop, c, c, imageops::FilterType::Triangle);
+        let mask_crop = imageops::crop_imm(mask, x, y, w, h).to_image();
+        let mask_crop = imageops::resize(&mask_crop, c, c, imageops::FilterType::Nearest);
+        let plane = (c * c) as usize;
+        let mut data = vec![0f32; 4 * plane];
+        for (i, p) in crop.pixels().enumerate() {
+            for ch in 0..3 {
+                data[ch * plane + i] =
+                    (f32::from(p[ch]) / 255.0 - self.spec.mean[ch]) / self.spec.std[ch];
+            }
+        }
+        for (i, p) in mask_crop.pixels().enumerate() {
+            data[3 * plane + i] = if p[0] > 127 { 1.0 } else { 0.0 };
+        }
+        vec![TensorData::F32(data)]
+    }
+
+    async fn classify(
+        &self,
+        image: &RgbImage,
+        mask: &GrayImage,
+        bbox: [u32; 4],
+    ) -> Result<Vec<f32>, JobError> {
+        self.classifier
+            .submit(self.request(image, mask, bbox))
+            .await
+            .map_err(|e| JobError::new(ErrorClass::ModelError, e.to_string()))
+    }
+
+    pub fn batcher(&self) -> &Batcher<OnnxModel> {
+        &self.classifier
+    }
+
+    pub async fn warm_up(&self) -> anyhow::Result<()> {
+        let image = RgbImage::new(64, 64);
+        let mut mask = GrayImage::new(64, 64);
+        mask.put_pixel(10, 10, image::Luma([255]));
+        let calls = (0..self.max_batch_size).map(|_| self.classify(&image, &mask, [10, 10, 1, 1]));
+        for result in futures_util::future::join_all(calls).await {
+            result.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Bounding box `[x, y, w, h]` of the non-zero pixels.
+pub fn mask_bbox(mask: &GrayImage) -> Option<[u32; 4]> {
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for (x, y, p) in mask.enumerate_pixels() {
+        if p[0] > 0 {
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x);
+            y1 = y1.max(y);
+        }
+    }
+    (x0 != u32::MAX).then(|| [x0, y0, x1 - x0 + 1, y1 - y0 + 1])
+}
+
+/// Index of the largest logit and its softmax probability.
+fn argmax_softmax(logits: &[f32]) -> (usize, f32) {
+    let (index, max) =
+        logits
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            });
+    let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
+    (index, if sum > 0.0 { 1.0 / sum } else { 0.0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_of_the_winner() {
+        let (i, p) = argmax_softmax(&[0.0, 2.0, 0.0]);
+        assert_eq!(i, 1);
+        let expected = 2f32.exp() / (2.0 + 2f32.exp());
+        assert!((p - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bbox_of_a_mask() {
+        let mut m = GrayImage::new(10, 10);
+        assert_eq!(mask_bbox(&m), None);
+        m.put_pixel(2, 3, image::Luma([255]));
+        m.put_pixel(5, 7, image::Luma([255]));
+        assert_eq!(mask_bbox(&m), Some([2, 3, 4, 5]));
+    }
+}

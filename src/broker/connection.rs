@@ -1,0 +1,120 @@
+//! Opening AMQP connections: one attempt ([`connect`]) or retried with exponential backoff and
+//! jitter until a deadline ([`connect_with_retry`]), for a worker that starts before its broker
+//! or outlives a broker restart.
+//!
+//! The URL carries the password, so it only ever reaches logs and errors through [`redact`].
+
+use std::time::{Duration, Instant};
+
+use lapin::{uri::AMQPUri, Connection, ConnectionProperties};
+use rand::Rng;
+
+use super::BrokerError;
+
+/// How long one connection attempt (TCP + AMQP handshake) may take: a black-holed host would
+/// otherwise hang on the kernel's SYN retries for minutes.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Opens one connection, named `name` in the management UI (and `rabbitmqctl list_connections
+/// client_properties`), so an operator can tell workers from enqueuers.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
+    // Parse here rather than in lapin: its parse error quotes the whole URL, password included.
+    let uri: AMQPUri = url
+        .parse()
+        .map_err(|reason: String| BrokerError::InvalidUrl {
+            url: redact(url),
+            reason: reason.replace(url, &redact(url)),
+        })?;
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, Connection::connect_uri(uri, properties)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(BrokerError::Connect {
+            url: redact(url),
+            error,
+        }),
+        Err(_) => Err(BrokerError::ConnectTimeout {
+            url: redact(url),
+            seconds: ATTEMPT_TIMEOUT.as_secs(),
+        }),
+    }
+}
+
+/// Like [`connect`], but keeps trying for up to `max_wait`, sleeping 0.25 s, 0.5 s, 1 s, …
+/// (capped at 30 s) between attempts, each delay jittered to 50–100 % so that a fleet of
+/// workers restarted together does not hammer the broker in lock-step. Every failed attempt
+/// is logged with the redacted URL. An invalid URL fails at once: waiting will not fix it.
+pub async fn connect_with_retry(
+    url: &str,
+    name: &str,
+    max_wait: Duration,
+) -> Result<Connection, BrokerError> {
+    let started = Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let error = match connect(url, name).await {
+            Ok(connection) => {
+                if attempt > 1 {
+                    tracing::info!(url = %redact(url), attempt, "connected to the broker");
+                }
+                return Ok(connection);
+            }
+            Err(error @ BrokerError::InvalidUrl { .. }) => return Err(error),
+            Err(error) => error,
+        };
+        let remaining = max_wait.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            return Err(BrokerError::RetriesExhausted {
+                url: redact(url),
+                attempts: attempt,
+                last: Box::new(error),
+            });
+        }
+        let delay = jittered(backoff).min(remaining);
+        tracing::warn!(
+            url = %redact(url),
+            attempt,
+            retry_in_ms = delay.as_millis() as u64,
+            %error,
+            "broker connection failed"
+        );
+        tokio::time::sleep(delay).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A random delay between half and all of `backoff` ("equal jitter": never zero, so a
+/// refused connection is not retried in a tight loop, yet spread enough to de-synchronise).
+fn jittered(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+/// The URL with its password replaced by `***`, safe to log:
+/// `amqp://worker:s3cret@mq:5672/%2f` → `amqp://worker:***@mq:5672/%2f`.
+///
+/// Works on the raw text rather than a parsed URL so that even a URL too broken to parse is
+/// redacted, and errs towards hiding too much: the user info ends at the *last* `@`, since an
+/// unescaped password may contain `@`, `/`, `?` or `#`.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest_start = scheme_end + 3;
+    let rest = &url[rest_start..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..rest_start],
+        &rest[..colon],
+        &rest[at..]
+    )
+}

@@ -1,0 +1,288 @@
+//! The model bundle (design §4.7): `bundle.toml` names each agent's ONNX files, tokenizer,
+//! sizes, normalisation, taxonomy, thresholds and tool routing, with a sha256 per file.
+//!
+//! Nothing about the models lives in code: the paper publishes neither weights nor τ nor the
+//! exact taxonomy, so everything a model team may change is read from here and verified at load.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// A parsed, verified bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub root: PathBuf,
+    pub manifest: Manifest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema: u32,
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    pub taxonomy: Taxonomy,
+    pub defaults: Defaults,
+    pub perception: PerceptionSpec,
+    pub reasoning: ReasoningSpec,
+    pub action: ActionSpec,
+    #[serde(default)]
+    pub batching: BTreeMap<String, crate::config::BatchingOverride>,
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Taxonomy {
+    pub categories: Vec<String>,
+    #[serde(default)]
+    pub descriptions: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct Defaults {
+    pub saliency_threshold: f32,
+    pub max_iterations: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PerceptionSpec {
+    pub model: String,
+    pub tokenizer: String,
+    pub input_size: u32,
+    pub max_tokens: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReasoningSpec {
+    pub mode: String,
+    pub classifier: String,
+    pub input_size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub min_region_pixels: u32,
+    pub dilate_pixels: u32,
+    pub feather_pixels: u32,
+    pub max_regions: usize,
+    pub context: f32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ActionSpec {
+    pub default_tool: String,
+    #[serde(default)]
+    pub routing: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tools: ToolSpecs,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ToolSpecs {
+    #[serde(rename = "onnx-inpaint")]
+    pub onnx_inpaint: Option<OnnxInpaintSpec>,
+    pub patchmatch: Option<PatchMatchSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OnnxInpaintSpec {
+    pub model: String,
+    pub input_size: u32,
+    pub output_range: [f32; 2],
+    pub context: f32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PatchMatchSpec {
+    pub patch_size: u32,
+    pub iterations: u32,
+}
+
+/// Names of the tools this build knows.
+pub const KNOWN_TOOLS: &[&str] = &["onnx-inpaint", "patchmatch"];
+
+impl Bundle {
+    /// Reads `bundle.toml` from `root`, checks it is coherent, and verifies every file's sha256.
+    pub fn load(root: &Path) -> anyhow::Result<Bundle> {
+        let manifest_path = root.join("bundle.toml");
+        let text = std::fs::read_to_string(&manifest_path).with_context(|| {
+            format!(
+                "cannot read the model bundle manifest {} (models.bundle = {})",
+                manifest_path.display(),
+                root.display()
+            )
+        })?;
+        let manifest: Manifest = toml::from_str(&text).with_context(|| {
+            format!("{} is not a valid bundle manifest", manifest_path.display())
+        })?;
+        let bundle = Bundle {
+            root: root.to_path_buf(),
+            manifest,
+        };
+        bundle.check()?;
+        bundle.verify_files()?;
+        Ok(bundle)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let m = &self.manifest;
+        if m.schema != 1 {
+            bail!(
+                "bundle schema {} is not supported (this build reads schema 1)",
+                m.schema
+            );
+        }
+        if m.taxonomy.categories.is_empty() {
+            bail!("bundle taxonomy has no categories");
+        }
+        if m.reasoning.mode != "regions" {
+            bail!(
+                "reasoning mode {:?} is not supported by this build (supported: \"regions\")",
+                m.reasoning.mode
+            );
+        }
+        let tools = m
+            .action
+            .routing
+            .values()
+            .chain(std::iter::once(&m.action.default_tool));
+        for tool in tools {
+            if !KNOWN_TOOLS.contains(&tool.as_str()) {
+                bail!("action routing names unknown tool {tool:?} (known: {KNOWN_TOOLS:?})");
+            }
+            if tool == "onnx-inpaint" && m.action.tools.onnx_inpaint.is_none() {
+                bail!(
+                    "action routing uses onnx-inpaint but [action.tools.onnx-inpaint] is missing"
+                );
+            }
+        }
+        for category in m.action.routing.keys() {
+            if !m.taxonomy.categories.contains(category) {
+                bail!("action routing names category {category:?}, which is not in the taxonomy");
+            }
+        }
+        for file in self.referenced_files() {
+            if !m.files.contains_key(file) {
+                bail!("bundle file {file:?} has no sha256 in [files]");
+            }
+        }
+        Ok(())
+    }
+
+    /// Files the manifest refers to (each must carry a checksum).
+    fn referenced_files(&self) -> Vec<&str> {
+        let m = &self.manifest;
+        let mut files = vec![
+            m.perception.model.as_str(),
+            m.perception.tokenizer.as_str(),
+            m.reasoning.classifier.as_str(),
+        ];
+        if let Some(t) = &m.action.tools.onnx_inpaint {
+            files.push(t.model.as_str());
+        }
+        files
+    }
+
+    fn verify_files(&self) -> anyhow::Result<()> {
+        for (name, expected) in &self.manifest.files {
+            if name.contains("..") || Path::new(name).is_absolute() {
+                bail!("bundle file name {name:?} must be relative and inside the bundle");
+            }
+            let path = self.root.join(name);
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("bundle file {} cannot be read", path.display()))?;
+            let actual = hex::encode(Sha256::digest(&bytes));
+            if !actual.eq_ignore_ascii_case(expected) {
+                bail!(
+                    "bundle file {} has sha256 {actual}, but bundle.toml says {expected}: \
+                     the file was changed or the manifest is stale",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.root.join(file)
+    }
+
+    /// The checksum recorded for a file (verified at load).
+    pub fn sha256(&self, file: &str) -> &str {
+        self.manifest
+            .files
+            .get(file)
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// The tool that repairs regions of a category.
+    pub fn tool_for(&self, category: &str) -> &str {
+        self.manifest
+            .action
+            .routing
+            .get(category)
+            .unwrap_or(&self.manifest.action.default_tool)
+    }
+
+    /// The description of a region, from the bundle's templates.
+    pub fn describe(&self, category: &str, score: f32, area: u32) -> String {
+        let templates = &self.manifest.taxonomy.descriptions;
+        let template = templates
+            .get(category)
+            .or_else(|| templates.get("default"))
+            .map(String::as_str)
+            .unwrap_or("{category} distortion (confidence {score})");
+        template
+            .replace("{category}", category)
+            .replace("{score}", &format!("{score:.2}"))
+            .replace("{area}", &area.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/reference")
+    }
+
+    #[test]
+    fn reference_bundle_loads_and_routes() {
+        let bundle = Bundle::load(&reference()).unwrap();
+        assert_eq!(bundle.manifest.taxonomy.categories.len(), 12);
+        assert_eq!(bundle.tool_for("hand"), "onnx-inpaint");
+        assert_eq!(bundle.tool_for("object"), "patchmatch");
+        assert!(bundle.describe("hand", 0.9, 10).len() > 5);
+    }
+
+    #[test]
+    fn tampered_file_is_named_with_both_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(reference()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.path().is_file() {
+                std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+            }
+        }
+        let mut bytes = std::fs::read(dir.path().join("classifier.onnx")).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(dir.path().join("classifier.onnx"), bytes).unwrap();
+        let err = format!("{:#}", Bundle::load(dir.path()).unwrap_err());
+        assert!(err.contains("classifier.onnx"), "{err}");
+        assert!(err.contains("bundle.toml says"), "{err}");
+    }
+
+    #[test]
+    fn missing_bundle_says_which_key_to_fix() {
+        let err = format!("{:#}", Bundle::load(Path::new("/nonexistent")).unwrap_err());
+        assert!(err.contains("models.bundle"), "{err}");
+    }
+}

@@ -1,0 +1,214 @@
+//! Layered configuration (design §4.2): built-in defaults ← `config/default.toml` ← `--config` /
+//! `RETOUCHER_CONFIG` ← `RETOUCHER__SECTION__KEY` environment variables ← command-line overrides.
+//!
+//! The built-in defaults are `config/default.toml` itself, compiled in, so the documented file and
+//! the behaviour of a binary run from anywhere cannot drift apart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+const BUILT_IN: &str = include_str!("../config/default.toml");
+
+/// Keys whose values are lists: comma-separated in environment variables and `--set`.
+const LIST_KEYS: &[&str] = &["s3.allowed_buckets"];
+
+/// Every setting of the worker, as read from all layers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub broker: BrokerSettings,
+    pub s3: S3Config,
+    pub models: ModelSettings,
+    pub metrics: MetricsSettings,
+    pub worker: WorkerSettings,
+    pub limits: Limits,
+    #[serde(default)]
+    pub batching: BTreeMap<String, BatchingOverride>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerSettings {
+    pub url: String,
+    pub queue: String,
+    pub prefetch: u16,
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct S3Config {
+    pub endpoint: String,
+    pub region: String,
+    pub force_path_style: bool,
+    pub allowed_buckets: Vec<String>,
+    pub output: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSettings {
+    pub bundle: PathBuf,
+    pub device: String,
+    pub fallback_to_cpu: bool,
+    pub intra_threads: usize,
+    pub ort_library: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSettings {
+    pub max_inflight: usize,
+    pub drain_timeout_secs: u64,
+    pub job_timeout_secs: u64,
+}
+
+impl WorkerSettings {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+    pub fn job_timeout(&self) -> Duration {
+        Duration::from_secs(self.job_timeout_secs)
+    }
+}
+
+/// Limits that keep hostile or broken input from hurting the worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_prompt_bytes: usize,
+    pub max_metadata_bytes: usize,
+    pub max_image_bytes: u64,
+    pub max_image_pixels: u64,
+}
+
+/// Per-model batching keys; unset keys fall back to the bundle, then to built-in values.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BatchingOverride {
+    pub max_batch_size: Option<usize>,
+    pub max_delay_ms: Option<u64>,
+    pub max_queue: Option<usize>,
+}
+
+impl Settings {
+    /// Reads every layer. `file` is `--config` (falls back to `RETOUCHER_CONFIG`); `overrides` are
+    /// `section.key=value` pairs from the command line, applied last.
+    pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> anyhow::Result<Settings> {
+        use config::{Config, Environment, File, FileFormat};
+
+        let mut builder = Config::builder().add_source(File::from_str(BUILT_IN, FileFormat::Toml));
+        if Path::new("config/default.toml").is_file() {
+            builder = builder.add_source(File::new("config/default.toml", FileFormat::Toml));
+        }
+        let env_file = std::env::var_os("RETOUCHER_CONFIG").map(PathBuf::from);
+        if let Some(path) = file.map(Path::to_path_buf).or(env_file) {
+            if !path.is_file() {
+                anyhow::bail!("configuration file {} does not exist", path.display());
+            }
+            builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix("RETOUCHER")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("s3.allowed_buckets")
+                .try_parsing(true),
+        );
+        for (key, value) in overrides {
+            builder = if LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(|b| b.trim().to_string())
+                    .filter(|b| !b.is_empty())
+                    .collect();
+                builder.set_override(key.as_str(), items)
+            } else {
+                builder.set_override(key.as_str(), value.as_str())
+            }
+            .with_context(|| format!("bad override {key}={value}"))?;
+        }
+        let settings: Settings = builder
+            .build()
+            .context("reading configuration")?
+            .try_deserialize()
+            .context("configuration has a wrong or missing key")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.broker.queue.is_empty(),
+            "broker.queue must not be empty"
+        );
+        anyhow::ensure!(
+            self.broker.prefetch > 0,
+            "broker.prefetch must be at least 1"
+        );
+        anyhow::ensure!(
+            self.worker.max_inflight > 0,
+            "worker.max_inflight must be at least 1"
+        );
+        crate::engine::Device::parse(&self.models.device)?;
+        Ok(())
+    }
+}
+
+/// Parses `key=value` command-line overrides.
+pub fn parse_override(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected section.key=value, got {text:?}"))?;
+    if key.trim().is_empty() {
+        return Err(format!("empty key in {text:?}"));
+    }
+    Ok((key.trim().to_string(), value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_defaults_match_the_contract() {
+        let s = Settings::load(None, &[]).unwrap();
+        assert_eq!(s.broker.queue, "retoucher.jobs");
+        assert_eq!(s.metrics.listen, "127.0.0.1:9898");
+        assert_eq!(s.models.device, "cpu");
+        assert!(s.s3.allowed_buckets.is_empty());
+    }
+
+    #[test]
+    fn overrides_win_and_lists_split() {
+        let s = Settings::load(
+            None,
+            &[
+                ("s3.allowed_buckets".into(), "a,b".into()),
+                ("broker.prefetch".into(), "3".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.s3.allowed_buckets, vec!["a", "b"]);
+        assert_eq!(s.broker.prefetch, 3);
+    }
+
+    #[test]
+    fn bad_device_is_rejected() {
+        let err = Settings::load(None, &[("models.device".into(), "tpu".into())]).unwrap_err();
+        assert!(format!("{err:#}").contains("tpu"), "{err:#}");
+    }
+
+    #[test]
+    fn override_parsing() {
+        assert_eq!(
+            parse_override("a.b=c=d").unwrap(),
+            ("a.b".to_string(), "c=d".to_string())
+        );
+        assert!(parse_override("novalue").is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! `diagnostics.json` (design §4.4): everything a person or a program needs to know about how
+//! a job was retouched. Written last, it is also the result set's commit marker.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::agents::ModelInfo;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Diagnostics {
+    pub job_id: String,
+    /// `retouched` | `clean`.
+    pub status: String,
+    pub attempt: u32,
+    pub input: InputInfo,
+    pub output: OutputInfo,
+    pub settings: LoopInfo,
+    pub iterations: Vec<IterationInfo>,
+    pub models: BTreeMap<String, ModelInfoOut>,
+    pub timings_ms: JobTimings,
+    pub worker: WorkerInfo,
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputInfo {
+    pub uri: String,
+    pub width: u32,
+    pub height: u32,
+    pub format: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputInfo {
+    /// The retouched image.
+    pub uri: String,
+}
+
+/// The loop settings this job ran with (bundle defaults with the job's overrides applied).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoopInfo {
+    pub max_iterations: u32,
+    pub saliency_threshold: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IterationInfo {
+    pub index: usize,
+    pub saliency: SaliencyInfo,
+    pub regions: Vec<RegionInfo>,
+    pub timings_ms: IterationTimings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SaliencyInfo {
+    pub max: f32,
+    pub mean: f32,
+    pub area_above_threshold: f32,
+    /// File name of the 8-bit map, next to this file.
+    pub map: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegionInfo {
+    pub id: usize,
+    pub category: String,
+    pub bbox: [u32; 4],
+    pub score: f32,
+    pub description: String,
+    pub tool: String,
+    /// File name of the region's mask, next to this file.
+    pub mask: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IterationTimings {
+    pub perception: f64,
+    pub reasoning: f64,
+    pub action: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JobTimings {
+    pub queue: f64,
+    pub fetch: f64,
+    pub decode: f64,
+    pub perception: f64,
+    pub reasoning: f64,
+    pub action: f64,
+    pub encode: f64,
+    pub store: f64,
+    pub total: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfoOut {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+impl From<&ModelInfo> for ModelInfoOut {
+    fn from(m: &ModelInfo) -> Self {
+        ModelInfoOut {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            sha256: m.sha256.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerInfo {
+    pub version: String,
+    pub host: String,
+}
+
+impl WorkerInfo {
+    pub fn current() -> WorkerInfo {
+        WorkerInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+        }
+    }
+}
+
+/// File names of the result layout, relative to `{output}{job_id}/`.
+pub mod layout {
+    pub const RETOUCHED: &str = "retouched.png";
+    pub const DIAGNOSTICS: &str = "diagnostics.json";
+
+    pub fn saliency(iteration: usize) -> String {
+        format!("saliency-{iteration}.png")
+    }
+
+    pub fn mask(iteration: usize, region: usize) -> String {
+        format!("mask-{iteration}-{region}.png")
+    }
+}

@@ -1,0 +1,276 @@
+//! One job from input location to a stored result set: fetch → decode → the loop → encode →
+//! store. Shared by the worker (S3) and `run` (local files), so both produce the same layout.
+//!
+//! The result set is written image first and `diagnostics.json` last: a set whose
+//! `diagnostics.json` exists is complete, and a redelivered job finding it is not recomputed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::agents::Agents;
+use crate::config::Limits;
+use crate::diagnostics::{
+    layout, Diagnostics, InputInfo, IterationInfo, IterationTimings, JobTimings, LoopInfo,
+    OutputInfo, RegionInfo, SaliencyInfo, WorkerInfo,
+};
+use crate::error::{ErrorClass, JobError};
+use crate::imaging::{self, ImageLimits};
+use crate::job::JobOptions;
+use crate::metrics::metrics;
+use crate::pipeline::{self, LoopSettings};
+use crate::storage::{Location, Storage};
+
+/// What a job needs from the process: the agents, storage and limits.
+#[derive(Clone)]
+pub struct Executor {
+    pub agents: Arc<Agents>,
+    pub storage: Storage,
+    pub limits: Limits,
+}
+
+/// A job with its locations resolved.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub job_id: String,
+    pub image: Location,
+    pub prompt: String,
+    /// `{output}{job_id}/`: the folder or prefix the result set goes into.
+    pub results: Location,
+    pub options: JobOptions,
+    pub metadata: Option<Value>,
+    pub attempt: u32,
+    /// Time the message waited in the queue, when known.
+    pub queue_ms: f64,
+}
+
+/// How a finished job turned out.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    pub diagnostics: Diagnostics,
+    pub regions: usize,
+}
+
+impl JobReport {
+    pub fn status(&self) -> &str {
+        &self.diagnostics.status
+    }
+    pub fn iterations(&self) -> usize {
+        self.diagnostics.iterations.len()
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+impl Executor {
+    /// The loop settings for a job: the bundle's defaults with the job's overrides.
+    pub fn loop_settings(&self, options: &JobOptions) -> LoopSettings {
+        let defaults = self.agents.bundle.manifest.defaults;
+        LoopSettings {
+            max_iterations: options.max_iterations.unwrap_or(defaults.max_iterations),
+            saliency_threshold: options
+                .saliency_threshold
+                .unwrap_or(defaults.saliency_threshold),
+        }
+    }
+
+    /// The stored diagnostics of a job whose result set is complete, if there is one.
+    pub async fn completed(&self, job: &JobSpec) -> Result<Option<Diagnostics>, JobError> {
+        let marker = job.results.join(layout::DIAGNOSTICS);
+        if !self.storage.exists(&marker).await? {
+            return Ok(None);
+        }
+        let bytes = self.storage.get(&marker, 64 << 20).await?;
+        // A marker that does not parse is not trusted: the job is recomputed and overwrites it.
+        Ok(serde_json::from_slice(&bytes).ok())
+    }
+
+    /// Runs the job and stores its result set.
+    pub async fn execute(&self, job: &JobSpec) -> Result<JobReport, JobError> {
+        let started = Instant::now();
+        let stage = |name: &str, ms: f64| {
+            metrics()
+                .stage_duration_seconds
+                .with_label_values(&[name])
+                .observe(ms / 1000.0);
+        };
+        let mut timings = JobTimings {
+            queue: job.queue_ms,
+            ..JobTimings::default()
+        };
+
+        let t = Instant::now();
+        let bytes = self
+            .storage
+            .get(&job.image, self.limits.max_image_bytes)
+            .await?;
+        timings.fetch = ms(t);
+        stage("fetch", timings.fetch);
+
+        let t = Instant::now();
+        let limits = ImageLimits {
+            max_bytes: self.limits.max_image_bytes,
+            max_pixels: self.limits.max_image_pixels,
+        };
+        let decoded = tokio::task::spawn_blocking(move || {
+            let sha256 = hex::encode(Sha256::digest(&bytes));
+            imaging::decode(&bytes, &limits).map(|d| (d, sha256))
+        })
+        .await
+        .map_err(|e| JobError::new(ErrorClass::Internal, format!("decoding task: {e}")))?;
+        let (decoded, sha256) = decoded?;
+        timings.decode = ms(t);
+        stage("decode", timings.decode);
+        let (width, height) = decoded.rgb.dimensions();
+
+        let settings = self.loop_settings(&job.options);
+        let result = pipeline::retouch(&self.agents, decoded.rgb, &job.prompt, settings).await?;
+        timings.perception = result.timings_ms.perception;
+        timings.reasoning = result.timings_ms.reasoning;
+        timings.action = result.timings_ms.action;
+        for (name, value) in [
+            ("perception", timings.perception),
+            ("reasoning", timings.reasoning),
+            ("action", timings.action),
+        ] {
+            stage(name, value);
+        }
+
+        // Encode every file of the set off the async threads.
+        let t = Instant::now();
+        let result = Arc::new(result);
+        let encoded = {
+            let result = result.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut files: Vec<(String, Bytes)> = Vec::new();
+                files.push((
+                    layout::RETOUCHED.to_string(),
+                    Bytes::from(imaging::encode_png(&result.image)),
+                ));
+                for it in &result.iterations {
+                    files.push((
+                        layout::saliency(it.index),
+                        Bytes::from(imaging::encode_gray_png(&it.saliency_map.to_gray())),
+                    ));
+                }
+                for (i, r, mask) in result.masks() {
+                    files.push((
+                        layout::mask(i, r),
+                        Bytes::from(imaging::encode_gray_png(mask)),
+                    ));
+                }
+                files
+            })
+            .await
+            .map_err(|e| JobError::new(ErrorClass::Internal, format!("encoding task: {e}")))?
+        };
+        timings.encode = ms(t);
+        stage("encode", timings.encode);
+
+        let t = Instant::now();
+        let puts = encoded.into_iter().map(|(name, body)| {
+            let location = job.results.join(&name);
+            async move { self.storage.put(&location, body, "image/png").await }
+        });
+        for put in futures_util::future::join_all(puts).await {
+            put?;
+        }
+        let status = if result.edited() {
+            "retouched"
+        } else {
+            "clean"
+        };
+        for it in &result.iterations {
+            for region in &it.regions {
+                metrics()
+                    .regions_total
+                    .with_label_values(&[region.category.as_str()])
+                    .inc();
+            }
+        }
+        timings.store = ms(t);
+        timings.total = ms(started) + job.queue_ms;
+        let diagnostics = Diagnostics {
+            job_id: job.job_id.clone(),
+            status: status.to_string(),
+            attempt: job.attempt,
+            input: InputInfo {
+                uri: job.image.to_string(),
+                width,
+                height,
+                format: decoded.format.to_string(),
+                sha256,
+            },
+            output: OutputInfo {
+                uri: job.results.join(layout::RETOUCHED).to_string(),
+            },
+            settings: LoopInfo {
+                max_iterations: settings.max_iterations,
+                saliency_threshold: settings.saliency_threshold,
+            },
+            iterations: result
+                .iterations
+                .iter()
+                .map(|it| IterationInfo {
+                    index: it.index,
+                    saliency: SaliencyInfo {
+                        max: it.saliency.max,
+                        mean: it.saliency.mean,
+                        area_above_threshold: it.saliency.area_above_threshold,
+                        map: layout::saliency(it.index),
+                    },
+                    regions: it
+                        .regions
+                        .iter()
+                        .map(|r| RegionInfo {
+                            id: r.id,
+                            category: r.category.clone(),
+                            bbox: r.bbox,
+                            score: r.score,
+                            description: r.description.clone(),
+                            tool: r.tool.clone(),
+                            mask: layout::mask(it.index, r.id),
+                        })
+                        .collect(),
+                    timings_ms: IterationTimings {
+                        perception: it.timings_ms.perception,
+                        reasoning: it.timings_ms.reasoning,
+                        action: it.timings_ms.action,
+                    },
+                })
+                .collect(),
+            models: self
+                .agents
+                .models()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.into()))
+                .collect(),
+            timings_ms: timings,
+            worker: WorkerInfo::current(),
+            metadata: job.metadata.clone(),
+        };
+        let body = serde_json::to_vec_pretty(&diagnostics)
+            .map_err(|e| JobError::new(ErrorClass::Internal, format!("diagnostics: {e}")))?;
+        // Last: the commit marker.
+        self.storage
+            .put(
+                &job.results.join(layout::DIAGNOSTICS),
+                Bytes::from(body),
+                "application/json",
+            )
+            .await?;
+        stage("store", ms(t));
+        metrics()
+            .iterations
+            .observe(diagnostics.iterations.len() as f64);
+        Ok(JobReport {
+            regions: result.region_count(),
+            diagnostics,
+        })
+    }
+}

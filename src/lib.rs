@@ -1,0 +1,24 @@
+//! retoucher: a production worker for the Agentic Retoucher (arXiv 2601.02046).
+//!
+//! Jobs arrive from RabbitMQ ([`broker`], [`worker`]), images come from S3 ([`storage`]), and
+//! the perception → reasoning → action loop ([`pipeline`]) runs three ONNX Runtime-backed
+//! agents ([`agents`]) whose sessions are shared across jobs through dynamic batchers
+//! ([`engine::batcher`]). [`execute`] runs one job end to end for both the worker and the
+//! local `run` command ([`run`]).
+
+pub mod agents;
+pub mod broker;
+pub mod bundle;
+pub mod config;
+pub mod diagnostics;
+pub mod engine;
+pub mod enqueue;
+pub mod error;
+pub mod execute;
+pub mod imaging;
+pub mod job;
+pub mod metrics;
+pub mod pipeline;
+pub mod run;
+pub mod storage;
+pub mod worker;

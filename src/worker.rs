@@ -1,0 +1,571 @@
+//! The worker: consumes jobs from RabbitMQ, runs each through the [`Executor`], stores the
+//! result set, publishes the event and only then acknowledges (at-least-once delivery with
+//! idempotent results).
+//!
+//! Outcomes: success → `job.succeeded` + ack; permanent failure → the original message to
+//! `<queue>.dead` with the error headers + `job.failed` + ack; transient failure → nack with
+//! requeue, so the quorum queue's delivery limit bounds the retries and dead-letters the rest.
+//! A job that panics fails alone; the worker keeps consuming.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::agents::Agents;
+use crate::broker::{self, Event, EventError, Publisher};
+use crate::bundle::Bundle;
+use crate::config::Settings;
+use crate::error::{ErrorClass, JobError};
+use crate::execute::{Executor, JobReport, JobSpec};
+use crate::job::JobMessage;
+use crate::metrics::{self, metrics, BatchMetrics, Readiness};
+use crate::storage::{Location, S3Settings, Storage};
+
+/// Everything a job task needs.
+struct Shared {
+    executor: Executor,
+    settings: Settings,
+    publisher: Publisher,
+}
+
+/// What happened to one delivery.
+enum Outcome {
+    Done(Box<JobReport>),
+    /// The result set was already complete (a redelivery): acknowledged without recomputing.
+    AlreadyDone,
+    Failed(JobError),
+}
+
+/// The engine options of the settings.
+pub fn engine_options(settings: &Settings) -> anyhow::Result<crate::engine::EngineOptions> {
+    Ok(crate::engine::EngineOptions {
+        device: crate::engine::Device::parse(&settings.models.device)?,
+        fallback_to_cpu: settings.models.fallback_to_cpu,
+        intra_threads: settings.models.intra_threads,
+        ort_library: settings.models.ort_library.clone(),
+    })
+}
+
+/// Loads the bundle, starts the agents' batchers and warms every model up.
+pub async fn load_agents(settings: &Settings) -> anyhow::Result<Arc<Agents>> {
+    let bundle = Bundle::load(&settings.models.bundle)?;
+    let engine = engine_options(settings)?;
+    let agents = Agents::load(bundle, &engine, &settings.batching, Arc::new(BatchMetrics))?;
+    agents.warm_up().await?;
+    Ok(Arc::new(agents))
+}
+
+/// S3 storage from the settings, counting requests in the metrics.
+pub async fn s3_storage(settings: &Settings) -> anyhow::Result<Storage> {
+    let storage = Storage::s3(&S3Settings {
+        endpoint: settings.s3.endpoint.clone(),
+        region: settings.s3.region.clone(),
+        force_path_style: settings.s3.force_path_style,
+        allowed_buckets: settings.s3.allowed_buckets.clone(),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("configuring S3: {e}"))?;
+    Ok(storage.with_observer(Arc::new(|op, outcome| {
+        metrics()
+            .s3_requests_total
+            .with_label_values(&[op, outcome])
+            .inc();
+    })))
+}
+
+/// Resolves and authorises a job's locations: the input, and `{output}{job_id}/`.
+pub fn resolve(
+    message: JobMessage,
+    storage: &Storage,
+    default_output: &str,
+    attempt: u32,
+    queue_ms: f64,
+) -> Result<JobSpec, JobError> {
+    let image = Location::parse_s3(&message.image)?;
+    storage.check_allowed(&image)?;
+    let output = match message.output.as_deref() {
+        Some(output) => output,
+        None if !default_output.is_empty() => default_output,
+        None => {
+            return Err(JobError::invalid(
+                "the job has no 'output' and the worker has no s3.output default",
+            ))
+        }
+    };
+    let output = Location::parse_s3_prefix(output)?;
+    storage.check_allowed(&output)?;
+    Ok(JobSpec {
+        results: output.join(&format!("{}/", message.job_id)),
+        job_id: message.job_id,
+        image,
+        prompt: message.prompt,
+        options: message.options,
+        metadata: message.metadata,
+        attempt,
+        queue_ms,
+    })
+}
+
+/// Runs the worker until SIGTERM/SIGINT, then drains.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let readiness = Arc::new(Readiness::default());
+    metrics::serve(&settings.metrics.listen, readiness.clone()).await?;
+
+    let agents = load_agents(&settings)
+        .await
+        .context("loading the model bundle")?;
+    readiness.models.store(true, Ordering::Relaxed);
+    info!(bundle = %settings.models.bundle.display(), device = %settings.models.device, "models loaded and warmed up");
+
+    let storage = s3_storage(&settings).await?;
+    spawn_storage_probe(storage.clone(), readiness.clone());
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested: draining");
+        let _ = stop_tx.send(true);
+    });
+
+    let executor = Executor {
+        agents,
+        storage,
+        limits: settings.limits.clone(),
+    };
+    let result = consume(settings, executor, readiness.clone(), stop_rx).await;
+    readiness.draining.store(true, Ordering::Relaxed);
+    result
+}
+
+async fn spawn_storage_probe_once(storage: &Storage, readiness: &Readiness) {
+    match storage.check().await {
+        Ok(()) => readiness.storage.store(true, Ordering::Relaxed),
+        Err(e) => {
+            if readiness.storage.swap(false, Ordering::Relaxed) {
+                warn!(error = %e, "storage is not reachable");
+            }
+        }
+    }
+}
+
+fn spawn_storage_probe(storage: Storage, readiness: Arc<Readiness>) {
+    tokio::spawn(async move {
+        loop {
+            spawn_storage_probe_once(&storage, &readiness).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Connects (and reconnects) to the broker and consumes until asked to stop.
+async fn consume(
+    settings: Settings,
+    executor: Executor,
+    readiness: Arc<Readiness>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let queue = settings.broker.queue.clone();
+    let name = format!(
+        "retoucher-worker@{}",
+        gethostname::gethostname().to_string_lossy()
+    );
+    let permits = Arc::new(Semaphore::new(settings.worker.max_inflight));
+    let mut tasks = JoinSet::new();
+    let mut first = true;
+    // The connection in use stays open while draining, so in-flight jobs can still ack.
+    let mut held: Option<lapin::Connection> = None;
+    'connection: loop {
+        if *stop.borrow() {
+            break;
+        }
+        let conn = broker::connect_with_retry(
+            &settings.broker.url,
+            &name,
+            Duration::from_secs(settings.broker.connect_timeout_secs),
+        )
+        .await?;
+        // A topology mismatch is fatal: the operator has to run `retoucher migrate`.
+        broker::verify(&conn, &queue).await?;
+        let publisher = Publisher::new(&conn).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .context("opening the consumer channel")?;
+        channel
+            .basic_qos(settings.broker.prefetch, BasicQosOptions::default())
+            .await
+            .context("setting the prefetch")?;
+        let tag = format!("{name}-{}", std::process::id());
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming from {queue}"))?;
+        readiness.broker.store(true, Ordering::Relaxed);
+        metrics().broker_connected.set(1);
+        info!(queue = %queue, prefetch = settings.broker.prefetch, reconnect = !first, "consuming");
+        first = false;
+        let shared = Arc::new(Shared {
+            executor: executor.clone(),
+            settings: settings.clone(),
+            publisher,
+        });
+        loop {
+            // Hold a slot before taking the next delivery: a saturated worker stops pulling.
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => Some(permit.context("semaphore closed")?),
+                _ = stop.changed() => None,
+            };
+            let delivery = match permit {
+                Some(_) => tokio::select! {
+                    delivery = consumer.next() => Some(delivery),
+                    _ = stop.changed() => None,
+                },
+                None => None,
+            };
+            let (Some(permit), Some(delivery)) = (permit, delivery) else {
+                // Stop taking messages; what was prefetched goes back to the queue.
+                cancel(&channel, &tag).await;
+                held = Some(conn);
+                break 'connection;
+            };
+            match delivery {
+                Some(Ok(delivery)) => {
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        handle(shared, delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "lost the broker connection: reconnecting");
+                    break;
+                }
+                None => {
+                    warn!("the broker cancelled the consumer: reconnecting");
+                    break;
+                }
+            }
+            // Reap finished tasks so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+        }
+        readiness.broker.store(false, Ordering::Relaxed);
+        metrics().broker_connected.set(0);
+        let _ = conn.close(0, "reconnecting".into()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        continue 'connection;
+    }
+    // Draining: no new deliveries; in-flight jobs get `drain_timeout` to finish.
+    readiness.draining.store(true, Ordering::Relaxed);
+    let drained = tokio::time::timeout(settings.worker.drain_timeout(), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            left = tasks.len(),
+            "drain timeout: unfinished jobs go back to the queue"
+        );
+        tasks.abort_all();
+    }
+    if let Some(conn) = held {
+        let _ = conn.close(0, "worker stopped".into()).await;
+    }
+    info!("worker stopped");
+    metrics().broker_connected.set(0);
+    Ok(())
+}
+
+/// The delivery's attempt number: quorum queues count redeliveries in `x-delivery-count`.
+fn attempt_of(delivery: &Delivery) -> u32 {
+    let count = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned());
+    let count = match count {
+        Some(AMQPValue::LongLongInt(n)) => n.max(0) as u32,
+        Some(AMQPValue::LongInt(n)) => n.max(0) as u32,
+        Some(AMQPValue::ShortInt(n)) => n.max(0) as u32,
+        Some(AMQPValue::LongUInt(n)) => n,
+        _ => 0,
+    };
+    count + 1
+}
+
+/// Milliseconds the message waited, from its `timestamp` property (seconds), when set.
+fn queue_ms(delivery: &Delivery) -> f64 {
+    let Some(ts) = *delivery.properties.timestamp() else {
+        return 0.0;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    ((now - ts as f64) * 1000.0).max(0.0)
+}
+
+async fn handle(shared: Arc<Shared>, delivery: Delivery) {
+    let started = Instant::now();
+    let job_id = JobMessage::sniff_job_id(&delivery.data).unwrap_or_else(|| "-".to_string());
+    let attempt = attempt_of(&delivery);
+    let span = info_span!("job", job_id = %job_id, attempt);
+    async move {
+        metrics().inflight_jobs.inc();
+        let outcome = {
+            let shared = shared.clone();
+            let data = delivery.data.clone();
+            let queued = queue_ms(&delivery);
+            let timeout = shared.settings.worker.job_timeout();
+            // Its own task: a panic fails this job only.
+            let task = tokio::spawn(
+                async move {
+                    match tokio::time::timeout(timeout, process(&shared, &data, attempt, queued))
+                        .await
+                    {
+                        Ok(outcome) => outcome,
+                        Err(_) => Outcome::Failed(JobError::new(
+                            ErrorClass::Timeout,
+                            format!(
+                                "the job took longer than worker.job_timeout_secs = {}",
+                                timeout.as_secs()
+                            ),
+                        )),
+                    }
+                }
+                .in_current_span(),
+            );
+            match task.await {
+                Ok(outcome) => outcome,
+                Err(e) if e.is_panic() => Outcome::Failed(JobError::new(
+                    ErrorClass::Internal,
+                    format!("the job panicked: {}", panic_message(e.into_panic())),
+                )),
+                Err(e) => Outcome::Failed(JobError::new(ErrorClass::Internal, e.to_string())),
+            }
+        };
+        settle(&shared, &delivery, &job_id, attempt, outcome, started).await;
+        metrics().inflight_jobs.dec();
+        metrics()
+            .job_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+    .instrument(span)
+    .await
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+async fn process(shared: &Shared, data: &[u8], attempt: u32, queued: f64) -> Outcome {
+    let message = match JobMessage::parse(data, &shared.settings.limits) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let spec = match resolve(
+        message,
+        &shared.executor.storage,
+        &shared.settings.s3.output,
+        attempt,
+        queued,
+    ) {
+        Ok(spec) => spec,
+        Err(e) => return Outcome::Failed(e),
+    };
+    match shared.executor.completed(&spec).await {
+        Ok(Some(_)) => return Outcome::AlreadyDone,
+        Ok(None) => {}
+        Err(e) => return Outcome::Failed(e),
+    }
+    info!(image = %spec.image, "retouching");
+    match shared.executor.execute(&spec).await {
+        Ok(report) => Outcome::Done(Box::new(report)),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// Acknowledges, requeues or dead-letters the delivery according to the outcome.
+async fn settle(
+    shared: &Shared,
+    delivery: &Delivery,
+    job_id: &str,
+    attempt: u32,
+    outcome: Outcome,
+    started: Instant,
+) {
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let metadata = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+        .ok()
+        .and_then(|v| v.get("metadata").cloned())
+        .filter(|m| m.is_object());
+    match outcome {
+        Outcome::Done(report) => {
+            let event = Event {
+                job_id: job_id.to_string(),
+                status: report.status().to_string(),
+                output: Some(report.diagnostics.output.uri.clone()),
+                attempt,
+                iterations: report.iterations() as u32,
+                regions: report.regions as u32,
+                duration_ms,
+                error: None,
+                metadata,
+            };
+            if let Err(e) = shared.publisher.publish_event(&event).await {
+                // The result set is complete; a redelivery will find it and only ack.
+                warn!(error = %e, "publishing job.succeeded failed: requeueing");
+                requeue(delivery).await;
+                return;
+            }
+            ack(delivery).await;
+            metrics()
+                .jobs_total
+                .with_label_values(&[report.status()])
+                .inc();
+            info!(
+                status = report.status(),
+                regions = report.regions,
+                iterations = report.iterations(),
+                duration_ms,
+                "job done"
+            );
+        }
+        Outcome::AlreadyDone => {
+            ack(delivery).await;
+            metrics().jobs_total.with_label_values(&["duplicate"]).inc();
+            info!("result set already complete: acknowledged without recomputing");
+        }
+        Outcome::Failed(error) if error.is_transient() => {
+            metrics()
+                .errors_total
+                .with_label_values(&[error.class.as_str()])
+                .inc();
+            warn!(class = %error.class, error = %error.message, "transient failure: requeueing");
+            let event = failure_event(job_id, "retrying", attempt, duration_ms, &error, metadata);
+            if let Err(e) = shared.publisher.publish_event(&event).await {
+                warn!(error = %e, "publishing job.retrying failed");
+            }
+            requeue(delivery).await;
+            metrics().jobs_total.with_label_values(&["retried"]).inc();
+        }
+        Outcome::Failed(error) => {
+            metrics()
+                .errors_total
+                .with_label_values(&[error.class.as_str()])
+                .inc();
+            error!(class = %error.class, error = %error.message, "permanent failure: dead-lettering");
+            let queue = &shared.settings.broker.queue;
+            if let Err(e) = shared
+                .publisher
+                .dead_letter(
+                    queue,
+                    &delivery.data,
+                    &delivery.properties,
+                    error.class,
+                    &error.message,
+                )
+                .await
+            {
+                // Never ack what is not safely dead-lettered.
+                error!(error = %e, "dead-lettering failed: requeueing");
+                requeue(delivery).await;
+                return;
+            }
+            let event = failure_event(job_id, "failed", attempt, duration_ms, &error, metadata);
+            if let Err(e) = shared.publisher.publish_event(&event).await {
+                warn!(error = %e, "publishing job.failed failed");
+            }
+            ack(delivery).await;
+            metrics().jobs_total.with_label_values(&["dead"]).inc();
+        }
+    }
+}
+
+fn failure_event(
+    job_id: &str,
+    status: &str,
+    attempt: u32,
+    duration_ms: u64,
+    error: &JobError,
+    metadata: Option<serde_json::Value>,
+) -> Event {
+    Event {
+        job_id: job_id.to_string(),
+        status: status.to_string(),
+        output: None,
+        attempt,
+        iterations: 0,
+        regions: 0,
+        duration_ms,
+        error: Some(EventError {
+            class: error.class.as_str().to_string(),
+            message: error.message.clone(),
+        }),
+        metadata,
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        warn!(error = %e, "ack failed: the job will be redelivered");
+    }
+}
+
+async fn requeue(delivery: &Delivery) {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(e) = delivery.acker.nack(options).await {
+        warn!(error = %e, "nack failed: the job will be redelivered");
+    }
+}
+
+async fn cancel(channel: &lapin::Channel, tag: &str) {
+    let _ = channel
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await;
+}
