@@ -93,7 +93,7 @@ enum Command {
 
 fn init_logging(format: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,aws=warn,ort=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,lapin::channel=off,aws=warn,ort=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,0 +1,523 @@
+//! Shared harness for the end-to-end tests: the real RabbitMQ, the real S3 server (SeaweedFS)
+//! and worker processes started from the built binary. No mocks.
+//!
+//! `scripts/test.sh` starts the servers and exports their addresses; without them these tests
+//! fail with a hint instead of skipping, so a green run means every path was exercised.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Region};
+use aws_sdk_s3::primitives::ByteStream;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+pub fn env_var(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!("{name} is not set: run scripts/test.sh (it starts RabbitMQ, the S3 server and ONNX Runtime)"),
+    }
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("RETOUCHER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// A free loopback port for a worker's metrics server.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One test's world: its own queue, input and output buckets, and a disallowed bucket.
+pub struct World {
+    pub queue: String,
+    pub input: String,
+    pub output: String,
+    pub forbidden: String,
+    pub s3: aws_sdk_s3::Client,
+    pub conn: Connection,
+    pub endpoint: String,
+}
+
+impl World {
+    pub async fn new() -> World {
+        let endpoint = env_var("RETOUCHER_TEST_S3_ENDPOINT");
+        env_var("AWS_ACCESS_KEY_ID");
+        env_var("AWS_SECRET_ACCESS_KEY");
+        env_var("ORT_DYLIB_PATH");
+        let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(region))
+            .load()
+            .await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&shared)
+                .endpoint_url(&endpoint)
+                .force_path_style(true)
+                .build(),
+        );
+        let world = World {
+            queue: format!("{}.jobs", unique("retoucher-test")),
+            input: unique("rt-in"),
+            output: unique("rt-out"),
+            forbidden: unique("rt-forbidden"),
+            s3,
+            conn: Connection::connect(&amqp_url(), ConnectionProperties::default())
+                .await
+                .expect("RabbitMQ on RETOUCHER_TEST_AMQP_URL"),
+            endpoint,
+        };
+        for bucket in [&world.input, &world.output, &world.forbidden] {
+            world
+                .s3
+                .create_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .expect("create bucket");
+        }
+        let status = Command::new(env!("CARGO_BIN_EXE_retoucher"))
+            .args(["migrate", "--queue", &world.queue])
+            .env("RETOUCHER__BROKER__URL", amqp_url())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run retoucher migrate");
+        assert!(status.success(), "retoucher migrate failed");
+        world
+    }
+
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+
+    /// Environment of a worker process in this world.
+    pub fn worker_env(&self, metrics_port: u16) -> Vec<(String, String)> {
+        vec![
+            ("RETOUCHER__BROKER__URL".into(), amqp_url()),
+            ("RETOUCHER__BROKER__QUEUE".into(), self.queue.clone()),
+            ("RETOUCHER__S3__ENDPOINT".into(), self.endpoint.clone()),
+            ("RETOUCHER__S3__FORCE_PATH_STYLE".into(), "true".into()),
+            (
+                "RETOUCHER__S3__ALLOWED_BUCKETS".into(),
+                format!("{},{}", self.input, self.output),
+            ),
+            (
+                "RETOUCHER__S3__OUTPUT".into(),
+                format!("s3://{}/results/", self.output),
+            ),
+            (
+                "RETOUCHER__MODELS__BUNDLE".into(),
+                repo().join("models/reference").display().to_string(),
+            ),
+            (
+                "RETOUCHER__METRICS__LISTEN".into(),
+                format!("127.0.0.1:{metrics_port}"),
+            ),
+        ]
+    }
+
+    /// Starts a worker process and waits until `/readyz` says ready.
+    pub fn start_worker(&self, extra: &[(&str, &str)]) -> Worker {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_retoucher"));
+        cmd.arg("worker")
+            .envs(self.worker_env(port))
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let log = std::env::temp_dir().join(format!("{}-{port}.log", self.queue));
+        let file = std::fs::File::create(&log).expect("worker log");
+        cmd.stderr(file);
+        let child = cmd.spawn().expect("start retoucher worker");
+        let mut worker = Worker {
+            child: Some(child),
+            port,
+            log,
+        };
+        worker.wait_ready(Duration::from_secs(60));
+        worker
+    }
+
+    pub async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) {
+        self.s3
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .expect("put object");
+    }
+
+    pub async fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let out = self
+            .s3
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .ok()?;
+        Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+    }
+
+    pub async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let out = self
+            .s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .expect("list objects");
+        let mut keys: Vec<String> = out
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_string))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Publishes a raw job body to the jobs queue (persistent, JSON).
+    pub async fn publish(&self, body: &[u8]) {
+        let channel = self.conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(Default::default())
+            .await
+            .expect("confirms");
+        channel
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        let _ = channel.close(0, "done".into()).await;
+    }
+
+    /// A temporary queue bound to `retoucher.events` (`job.*`) to watch this test's events.
+    pub async fn events(&self) -> Events {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let q = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare event queue");
+        channel
+            .queue_bind(
+                q.name().clone(),
+                "retoucher.events".into(),
+                "job.*".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind event queue");
+        let consumer = channel
+            .basic_consume(
+                q.name().clone(),
+                "events".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume events");
+        Events {
+            _channel: channel,
+            consumer,
+        }
+    }
+
+    /// Messages ready in a queue (passive declare).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        let _ = channel.close(0, "done".into()).await;
+        q.message_count()
+    }
+
+    /// Takes every message from the dead-letter queue: (body, error class, error message).
+    pub async fn drain_dead(&self) -> Vec<(Vec<u8>, String, String)> {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Ok(Some(msg)) = channel
+            .basic_get(
+                self.dead_queue().as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+        {
+            let header = |name: &str| {
+                msg.delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(name).cloned())
+                    .map(|v| match v {
+                        lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default()
+            };
+            out.push((
+                msg.delivery.data.clone(),
+                header("x-retoucher-error-class"),
+                header("x-retoucher-error"),
+            ));
+            msg.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack dead letter");
+        }
+        let _ = channel.close(0, "done".into()).await;
+        out
+    }
+
+    /// Deletes this world's queues (buckets stay: the S3 server's data dir is temporary).
+    pub async fn cleanup(&self) {
+        let channel = self.conn.create_channel().await.expect("channel");
+        for q in [self.queue.clone(), self.dead_queue()] {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for v in 1..=8 {
+            let _ = channel
+                .exchange_delete(
+                    format!("{}.topology.v{v:04}", self.queue).as_str().into(),
+                    Default::default(),
+                )
+                .await;
+        }
+    }
+}
+
+pub struct Events {
+    _channel: lapin::Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Events {
+    /// Waits for one event per listed job id (events of other tests are ignored); returns
+    /// (routing key, event JSON) per job id, in the order of `job_ids`.
+    pub async fn wait_for(
+        &mut self,
+        job_ids: &[String],
+        timeout: Duration,
+    ) -> Vec<(String, serde_json::Value)> {
+        let mut found: std::collections::HashMap<String, (String, serde_json::Value)> =
+            Default::default();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while found.len() < job_ids.len() {
+            let next = tokio::time::timeout_at(deadline, self.consumer.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "timed out waiting for events; got {} of {}: {:?}",
+                        found.len(),
+                        job_ids.len(),
+                        found.keys().collect::<Vec<_>>()
+                    )
+                })
+                .expect("event stream ended")
+                .expect("event delivery");
+            let event: serde_json::Value =
+                serde_json::from_slice(&next.data).expect("event is JSON");
+            let id = event["job_id"].as_str().unwrap_or_default().to_string();
+            if job_ids.contains(&id) && event["status"] != "retrying" {
+                let previous = found.insert(id.clone(), (next.routing_key.to_string(), event));
+                assert!(previous.is_none(), "job {id} finished twice");
+            }
+        }
+        job_ids
+            .iter()
+            .map(|id| found.remove(id).expect("event"))
+            .collect()
+    }
+
+    /// Every event that arrives within `window` (to check that nothing more comes).
+    pub async fn collect_for(&mut self, window: Duration) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, self.consumer.next()).await {
+            if let Ok(v) = serde_json::from_slice(&d.data) {
+                out.push(v);
+            }
+        }
+        out
+    }
+}
+
+/// A worker process; killed when dropped.
+pub struct Worker {
+    child: Option<Child>,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    fn wait_ready(&mut self, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "worker exited with {status} before it was ready:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+            if http_get(self.port, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            if started.elapsed() > timeout {
+                panic!("worker not ready after {timeout:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.port, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A metric's value summed over every series of that name whose labels contain `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Minimal HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// Pixels within distance 0.35 of pure magenta (the reference perception's definition).
+pub fn near_magenta(img: &image::RgbImage) -> usize {
+    img.pixels()
+        .filter(|p| {
+            let (r, g, b) = (
+                f32::from(p[0]) / 255.0,
+                f32::from(p[1]) / 255.0,
+                f32::from(p[2]) / 255.0,
+            );
+            ((r - 1.0).powi(2) + g * g + (b - 1.0).powi(2)).sqrt() < 0.35
+        })
+        .count()
+}
+
+pub fn example(name: &str) -> Vec<u8> {
+    std::fs::read(repo().join("examples").join(name)).expect("example image")
+}
+
+pub fn decode(bytes: &[u8]) -> image::RgbImage {
+    image::load_from_memory(bytes)
+        .expect("decodable image")
+        .to_rgb8()
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
