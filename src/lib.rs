@@ -7,6 +7,7 @@
 //! local `run` command ([`run`]).
 
 pub mod agents;
+pub mod bench;
 pub mod broker;
 pub mod bundle;
 pub mod config;

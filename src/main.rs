@@ -1,5 +1,5 @@
 //! `retoucher`: the command line (design §4.1). Subcommands: `worker`, `run`, `enqueue`,
-//! `migrate`.
+//! `migrate`, `bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use retoucher::config::{parse_override, Settings};
 use retoucher::execute::Executor;
 use retoucher::job::{JobMessage, JobOptions};
-use retoucher::{broker, enqueue, run, worker};
+use retoucher::{bench, broker, enqueue, run, worker};
 
 /// Automatic post-generation correction of text-to-image output (Agentic Retoucher).
 #[derive(Parser)]
@@ -80,6 +80,43 @@ enum Command {
         #[arg(long)]
         queue: Option<String>,
     },
+    /// Measure throughput and latency of the real pipeline on generated jobs, and the
+    /// model-only throughput of the same sessions.
+    Bench {
+        /// Jobs to run.
+        #[arg(long, default_value_t = 200)]
+        jobs: usize,
+        /// Jobs in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Override every model's max_batch_size.
+        #[arg(long)]
+        max_batch_size: Option<usize>,
+        /// Override every model's max_delay_ms.
+        #[arg(long)]
+        max_delay_ms: Option<u64>,
+        /// Run the same load again with max_batch_size = 1 and report the ratio.
+        #[arg(long)]
+        compare_batch_1: bool,
+        /// Side of the generated square images, in pixels.
+        #[arg(long, default_value_t = 512)]
+        image_size: u32,
+        /// Share of generated images with magenta blemishes (0..1).
+        #[arg(long, default_value_t = 0.5)]
+        blemished: f32,
+        /// Batches per model in the model-only phase.
+        #[arg(long, default_value_t = 30)]
+        model_only_batches: usize,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Model bundle folder (models.bundle).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// cpu, cuda or cuda:N (models.device).
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Apply the broker topology (queues, exchanges) kept in migrations/.
     Migrate {
         /// Jobs queue whose topology to apply (broker.queue).
@@ -144,7 +181,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             set("models.bundle", path(bundle.clone()));
             set("models.device", device.clone());
         }
-        Command::Run { bundle, device, .. } => {
+        Command::Run { bundle, device, .. } | Command::Bench { bundle, device, .. } => {
             set("models.bundle", path(bundle.clone()));
             set("models.device", device.clone());
         }
@@ -211,6 +248,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("{} jobs failed", summary.failed());
                 ExitCode::from(1)
             })
+        }
+        Command::Bench {
+            jobs,
+            concurrency,
+            max_batch_size,
+            max_delay_ms,
+            compare_batch_1,
+            image_size,
+            blemished,
+            model_only_batches,
+            json,
+            ..
+        } => {
+            anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+            anyhow::ensure!(image_size >= 64, "--image-size must be at least 64");
+            let options = bench::BenchOptions {
+                jobs,
+                concurrency,
+                max_batch_size,
+                max_delay_ms,
+                compare_batch_1,
+                image_size,
+                blemished: blemished.clamp(0.0, 1.0),
+                seed: 42,
+                model_only_batches,
+            };
+            let report = bench::bench(&settings, &options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::table(&report));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Enqueue { jobs, .. } => {
             let bodies = read_jobs(&jobs)?;

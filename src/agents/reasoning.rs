@@ -40,7 +40,7 @@ pub struct Reasoning {
     bundle: Arc<Bundle>,
     spec: ReasoningSpec,
     pub info: ModelInfo,
-    max_batch_size: usize,
+    pub max_batch_size: usize,
 }
 
 impl Reasoning {

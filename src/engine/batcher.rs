@@ -431,7 +431,12 @@ mod tests {
         }
         /// Blocks until the model starts its next batch; returns the batch's inputs, sorted.
         async fn next_started(&self) -> Vec<i64> {
-            let mut v = tokio::task::block_in_place(|| self.started.recv().unwrap());
+            // Bounded, so a broken batcher fails the test instead of hanging CI.
+            let mut v = tokio::task::block_in_place(|| {
+                self.started
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("the model started no batch within 30 s")
+            });
             v.sort();
             v
         }

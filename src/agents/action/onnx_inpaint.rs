@@ -58,6 +58,10 @@ impl OnnxInpaint {
         })
     }
 
+    pub fn batcher(&self) -> &Batcher<OnnxModel> {
+        &self.batcher
+    }
+
     pub fn context(&self) -> f32 {
         self.spec.context
     }

@@ -1,0 +1,489 @@
+//! `retoucher bench`: throughput and latency of the real pipeline on generated jobs, and in the
+//! same run the model-only throughput of the same sessions fed ready tensors at the batch sizes
+//! the pipeline reached (design §6).
+//!
+//! Headline ratios: end-to-end ÷ model-only (what the worker around the models costs) and, with
+//! `--compare-batch-1`, dynamic batching ÷ batch size 1.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use image::{GrayImage, Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::agents::Agents;
+use crate::bundle::Bundle;
+use crate::config::{BatchingOverride, Settings};
+use crate::engine::batcher::{BatchObserver, BatchRecord, Batcher};
+use crate::engine::{OnnxModel, TensorData};
+use crate::execute::{Executor, JobSpec};
+use crate::job::JobOptions;
+use crate::metrics::BatchMetrics;
+use crate::storage::{Location, Storage};
+use crate::worker::engine_options;
+
+/// Models whose batching `--max-batch-size` overrides.
+pub const MODELS: &[&str] = &["perception", "classifier", "inpaint"];
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub jobs: usize,
+    pub concurrency: usize,
+    pub max_batch_size: Option<usize>,
+    pub max_delay_ms: Option<u64>,
+    pub compare_batch_1: bool,
+    /// Side of the generated square images.
+    pub image_size: u32,
+    /// Share of generated images with painted magenta blemishes (the rest are clean).
+    pub blemished: f32,
+    pub seed: u64,
+    /// Batches per model in the model-only phase.
+    pub model_only_batches: usize,
+}
+
+/// Per-model figures of one run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelStats {
+    pub max_batch_size: usize,
+    pub batches: u64,
+    pub items: u64,
+    pub mean_batch_size: f64,
+    pub items_per_job: f64,
+    pub closed_full: u64,
+    pub closed_timeout: u64,
+    pub mean_inference_ms: f64,
+    /// Time the session was busy during the run.
+    pub total_inference_ms: f64,
+    /// The same session fed ready tensors at the rounded mean batch size, alone.
+    pub model_only_items_per_s: f64,
+    pub model_only_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// One load run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub label: String,
+    pub jobs: usize,
+    pub failed: usize,
+    pub concurrency: usize,
+    pub wall_s: f64,
+    pub jobs_per_s: f64,
+    pub latency: Latency,
+    pub models: BTreeMap<String, ModelStats>,
+    /// Jobs/s if the models were the only cost: 1 / Σ(items per job ÷ model-only items/s).
+    pub model_only_jobs_per_s: f64,
+    pub end_to_end_over_model_only: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub bundle: String,
+    pub device: String,
+    pub image_size: u32,
+    pub cpus: usize,
+    pub runs: Vec<RunReport>,
+    /// Dynamic batching jobs/s ÷ batch-size-1 jobs/s (with `--compare-batch-1`).
+    pub dynamic_over_batch_1: Option<f64>,
+}
+
+/// Collects batch records per model (and forwards them to the Prometheus metrics).
+#[derive(Default)]
+struct Recorder {
+    models: Mutex<BTreeMap<String, ModelStats>>,
+}
+
+impl BatchObserver for Recorder {
+    fn batch(&self, model: &str, record: &BatchRecord) {
+        BatchMetrics.batch(model, record);
+        if record.size == 0 {
+            return;
+        }
+        let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        let s = models.entry(model.to_string()).or_default();
+        s.batches += 1;
+        s.items += record.size as u64;
+        s.total_inference_ms += record.inference.as_secs_f64() * 1000.0;
+        match record.reason {
+            crate::engine::batcher::CloseReason::Full => s.closed_full += 1,
+            crate::engine::batcher::CloseReason::Timeout => s.closed_timeout += 1,
+            crate::engine::batcher::CloseReason::Drained => {}
+        }
+    }
+    fn queue_depth(&self, model: &str, depth: usize) {
+        BatchMetrics.queue_depth(model, depth);
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> BTreeMap<String, ModelStats> {
+        std::mem::take(&mut *self.models.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A generated test image: smooth colour gradients with noise, and magenta blobs when asked.
+pub fn synthetic_image(size: u32, blemishes: usize, rng: &mut impl Rng) -> RgbImage {
+    let (a, b): ([f32; 3], [f32; 3]) = (
+        [rng.random_range(20.0..200.0), rng.random_range(20.0..200.0), rng.random_range(20.0..200.0)],
+        [rng.random_range(20.0..200.0), rng.random_range(20.0..200.0), rng.random_range(20.0..200.0)],
+    );
+    let mut img = RgbImage::from_fn(size, size, |x, y| {
+        let t = (x + y) as f32 / (2 * size) as f32;
+        let wave = ((x as f32 / 9.0).sin() * (y as f32 / 13.0).cos()) * 12.0;
+        let px = |c: usize| (a[c] * (1.0 - t) + b[c] * t + wave).clamp(0.0, 255.0) as u8;
+        Rgb([px(0), px(1), px(2)])
+    });
+    for _ in 0..blemishes {
+        let r = rng.random_range(size / 40 + 3..size / 14 + 5) as i64;
+        let cx = rng.random_range(r..size as i64 - r);
+        let cy = rng.random_range(r..size as i64 - r);
+        for y in cy - r..=cy + r {
+            for x in cx - r..=cx + r {
+                if (x - cx).pow(2) + (y - cy).pow(2) <= r * r {
+                    img.put_pixel(x as u32, y as u32, Rgb([255, 0, 255]));
+                }
+            }
+        }
+    }
+    img
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark: the dynamic-batching run, and the batch-1 run when asked.
+pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let bundle = Bundle::load(&settings.models.bundle).context("loading the model bundle")?;
+    let work = tempfile_dir()?;
+    let inputs = write_inputs(&work, options)?;
+    let mut runs = Vec::new();
+
+    let mut batching = settings.batching.clone();
+    for model in MODELS {
+        let entry = batching.entry(model.to_string()).or_insert_with(BatchingOverride::default);
+        if options.max_batch_size.is_some() {
+            entry.max_batch_size = options.max_batch_size;
+        }
+        if options.max_delay_ms.is_some() {
+            entry.max_delay_ms = options.max_delay_ms;
+        }
+    }
+    runs.push(run_load("dynamic", settings, &bundle, &batching, options, &inputs, &work).await?);
+    if options.compare_batch_1 {
+        for entry in batching.values_mut() {
+            entry.max_batch_size = Some(1);
+        }
+        runs.push(run_load("batch-1", settings, &bundle, &batching, options, &inputs, &work).await?);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let dynamic_over_batch_1 = (runs.len() == 2 && runs[1].jobs_per_s > 0.0)
+        .then(|| runs[0].jobs_per_s / runs[1].jobs_per_s);
+    Ok(BenchReport {
+        bundle: format!("{} {}", bundle.manifest.name, bundle.manifest.version),
+        device: settings.models.device.clone(),
+        image_size: options.image_size,
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        runs,
+        dynamic_over_batch_1,
+    })
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("retoucher-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Writes a pool of distinct generated images (jobs cycle through them).
+fn write_inputs(dir: &std::path::Path, options: &BenchOptions) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
+    let pool = options.jobs.clamp(1, 32);
+    (0..pool)
+        .map(|i| {
+            let blemishes = if (i as f32 + 0.5) / pool as f32 <= options.blemished {
+                rng.random_range(1..4)
+            } else {
+                0
+            };
+            let img = synthetic_image(options.image_size, blemishes, &mut rng);
+            let path = dir.join(format!("input-{i}.png"));
+            std::fs::write(&path, crate::imaging::encode_png(&img))?;
+            Ok(path)
+        })
+        .collect()
+}
+
+async fn run_load(
+    label: &str,
+    settings: &Settings,
+    bundle: &Bundle,
+    batching: &BTreeMap<String, BatchingOverride>,
+    options: &BenchOptions,
+    inputs: &[std::path::PathBuf],
+    work: &std::path::Path,
+) -> anyhow::Result<RunReport> {
+    let recorder = Arc::new(Recorder::default());
+    let engine = engine_options(settings)?;
+    let agents = Arc::new(Agents::load(bundle.clone(), &engine, batching, recorder.clone())?);
+    agents.warm_up().await?;
+    recorder.take(); // warm-up batches are not part of the run
+    let executor = Executor {
+        agents: agents.clone(),
+        storage: Storage::local(),
+        limits: settings.limits.clone(),
+    };
+    let out = work.join(label);
+    let total = options.jobs;
+    eprintln!("[{label}] {total} jobs at concurrency {}", options.concurrency);
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(total);
+    let mut failed = 0;
+    let mut stream = futures_util::stream::iter((0..total).map(|i| {
+        let executor = executor.clone();
+        let job = JobSpec {
+            job_id: format!("bench-{i}"),
+            image: Location::File(inputs[i % inputs.len()].clone()),
+            prompt: "a photo, detailed, natural light".to_string(),
+            results: Location::File(out.clone()).join(&format!("bench-{i}/")),
+            options: JobOptions::default(),
+            metadata: None,
+            attempt: 1,
+            queue_ms: 0.0,
+        };
+        async move {
+            let t = Instant::now();
+            let result = executor.execute(&job).await;
+            (t.elapsed(), result)
+        }
+    }))
+    .buffer_unordered(options.concurrency.max(1));
+    let mut done = 0;
+    let step = (total / 10).max(1);
+    while let Some((elapsed, result)) = stream.next().await {
+        done += 1;
+        match result {
+            Ok(_) => latencies.push(elapsed.as_secs_f64() * 1000.0),
+            Err(e) => {
+                failed += 1;
+                if failed <= 3 {
+                    eprintln!("[{label}] job failed: {e}");
+                }
+            }
+        }
+        if done % step == 0 || done == total {
+            eprintln!(
+                "[{label}] {done}/{total} jobs, {:.1} jobs/s",
+                done as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&out);
+    let mut models = recorder.take();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let completed = latencies.len().max(1) as f64;
+    for (name, stats) in models.iter_mut() {
+        stats.mean_batch_size = stats.items as f64 / stats.batches.max(1) as f64;
+        stats.items_per_job = stats.items as f64 / completed;
+        stats.mean_inference_ms = stats.total_inference_ms / stats.batches.max(1) as f64;
+        stats.max_batch_size = max_batch_size(&agents, name);
+    }
+    eprintln!("[{label}] model-only phase");
+    let mut model_only_seconds_per_job = 0.0;
+    for (name, stats) in models.iter_mut() {
+        let b = (stats.mean_batch_size.round() as usize).clamp(1, stats.max_batch_size.max(1));
+        let per_s = model_only(
+            &agents,
+            &recorder,
+            name,
+            b,
+            options.model_only_batches,
+            options.image_size,
+        )
+        .await?;
+        stats.model_only_items_per_s = per_s;
+        stats.model_only_batch_size = b;
+        if per_s > 0.0 {
+            model_only_seconds_per_job += stats.items_per_job / per_s;
+        }
+    }
+    let jobs_per_s = latencies.len() as f64 / wall;
+    let model_only_jobs_per_s = if model_only_seconds_per_job > 0.0 {
+        1.0 / model_only_seconds_per_job
+    } else {
+        0.0
+    };
+    Ok(RunReport {
+        label: label.to_string(),
+        jobs: total,
+        failed,
+        concurrency: options.concurrency,
+        wall_s: wall,
+        jobs_per_s,
+        latency: Latency {
+            mean_ms: latencies.iter().sum::<f64>() / completed,
+            p50_ms: percentile(&latencies, 50.0),
+            p95_ms: percentile(&latencies, 95.0),
+            p99_ms: percentile(&latencies, 99.0),
+        },
+        models,
+        model_only_jobs_per_s,
+        end_to_end_over_model_only: if model_only_jobs_per_s > 0.0 {
+            jobs_per_s / model_only_jobs_per_s
+        } else {
+            0.0
+        },
+    })
+}
+
+fn max_batch_size(agents: &Agents, model: &str) -> usize {
+    match model {
+        "perception" => agents.perception.max_batch_size,
+        "classifier" => agents.reasoning.max_batch_size,
+        "inpaint" => agents.action.inpaint().map(|t| t.max_batch_size).unwrap_or(1),
+        _ => 1,
+    }
+}
+
+/// Items/s of one model's session fed a ready request in waves of `batch` concurrent copies.
+/// Only the time inside the model thread counts (stacking the tensors, the session call,
+/// splitting the output), so batch assembly delays do not lower the ceiling.
+async fn model_only(
+    agents: &Agents,
+    recorder: &Recorder,
+    model: &str,
+    batch: usize,
+    batches: usize,
+    image_size: u32,
+) -> anyhow::Result<f64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let image = synthetic_image(image_size, 1, &mut rng);
+    let mut mask = GrayImage::new(image_size, image_size);
+    let side = image_size / 8;
+    for y in side..2 * side {
+        for x in side..2 * side {
+            mask.put_pixel(x, y, image::Luma([255]));
+        }
+    }
+    let (batcher, request): (&Batcher<OnnxModel>, Vec<TensorData>) = match model {
+        "perception" => {
+            let tokens = agents
+                .perception
+                .tokenize("a photo")
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            (
+                agents.perception.batcher(),
+                agents.perception.request(&image, &tokens),
+            )
+        }
+        "classifier" => (
+            agents.reasoning.batcher(),
+            agents
+                .reasoning
+                .request(&image, &mask, [side, side, side, side]),
+        ),
+        "inpaint" => match agents.action.inpaint() {
+            Some(tool) => (tool.batcher(), tool.request(&image, &mask)),
+            None => return Ok(0.0),
+        },
+        _ => return Ok(0.0),
+    };
+    let wave = || {
+        let calls = (0..batch).map(|_| batcher.submit(request.clone()));
+        futures_util::future::join_all(calls)
+    };
+    let started = Instant::now();
+    recorder.take();
+    for _ in 0..batches.max(1) {
+        for result in wave().await {
+            result.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+    }
+    let stats = recorder.take().remove(model).unwrap_or_default();
+    let busy_s = stats.total_inference_ms / 1000.0;
+    Ok(if busy_s > 0.0 {
+        stats.items as f64 / busy_s
+    } else {
+        0.0
+    })
+}
+
+/// The report as a table for people.
+pub fn table(report: &BenchReport) -> String {
+    let mut s = format!(
+        "bundle {}, device {}, {}x{} images, {} CPUs\n",
+        report.bundle, report.device, report.image_size, report.image_size, report.cpus
+    );
+    for run in &report.runs {
+        s.push_str(&format!(
+            "\n[{}] {} jobs ({} failed), concurrency {}: {:.1} jobs/s; latency p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms\n",
+            run.label, run.jobs, run.failed, run.concurrency, run.jobs_per_s,
+            run.latency.p50_ms, run.latency.p95_ms, run.latency.p99_ms
+        ));
+        s.push_str(&format!(
+            "  {:<11} {:>9} {:>10} {:>10} {:>12} {:>14} {:>18}\n",
+            "model", "max batch", "mean batch", "items/job", "full/timeout", "inference ms", "model-only items/s"
+        ));
+        for (name, m) in &run.models {
+            s.push_str(&format!(
+                "  {:<11} {:>9} {:>10.2} {:>10.2} {:>12} {:>14.2} {:>13.1} @ b{}\n",
+                name,
+                m.max_batch_size,
+                m.mean_batch_size,
+                m.items_per_job,
+                format!("{}/{}", m.closed_full, m.closed_timeout),
+                m.mean_inference_ms,
+                m.model_only_items_per_s,
+                m.model_only_batch_size
+            ));
+        }
+        s.push_str(&format!(
+            "  model-only ceiling {:.1} jobs/s; end-to-end / model-only = {:.2}\n",
+            run.model_only_jobs_per_s, run.end_to_end_over_model_only
+        ));
+    }
+    if let Some(ratio) = report.dynamic_over_batch_1 {
+        s.push_str(&format!("\ndynamic batching / batch size 1 = {ratio:.2}\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_images_have_blemishes_only_when_asked() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let magenta = |img: &RgbImage| img.pixels().filter(|p| p.0 == [255, 0, 255]).count();
+        assert_eq!(magenta(&synthetic_image(128, 0, &mut rng)), 0);
+        assert!(magenta(&synthetic_image(128, 2, &mut rng)) > 20);
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 51.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}
