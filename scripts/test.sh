@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Run the whole test suite, from any directory, on a fresh machine:
+#
+#   scripts/test.sh                       # everything
+#   scripts/test.sh some_test_name        # extra arguments go to `cargo test`
+#   scripts/test.sh --test storage_s3     # picking targets replaces --all-targets
+#   scripts/test.sh --lib -- --nocapture  # arguments after `--` go to the test binaries
+#
+# It installs ONNX Runtime 1.31.1 into .tools/ort, starts a local SigV4-enforcing
+# S3 server (scripts/s3-server.sh; stopped again on exit unless it was already
+# running), makes sure RabbitMQ answers on 127.0.0.1:5672 (scripts/rabbitmq.sh),
+# and runs `cargo test --all-targets -- --test-threads=2` with:
+#   ORT_DYLIB_PATH              .tools/ort/libonnxruntime.so.1.31.1
+#   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, RETOUCHER_TEST_S3_ENDPOINT
+#                               from .tools/s3/credentials.env (never printed)
+#   RETOUCHER_TEST_AMQP_URL     amqp://guest:guest@127.0.0.1:5672/%2f
+# Exits with cargo's status.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# Split our arguments: before `--` for cargo, after it for the test binaries.
+cargo_args=()
+test_args=()
+while (($#)); do
+    if [[ "$1" == -- ]]; then
+        shift
+        test_args=("$@")
+        break
+    fi
+    cargo_args+=("$1")
+    shift
+done
+# --all-targets unless the caller picks targets (--lib, --test NAME, ...) himself.
+targets=(--all-targets)
+for arg in "${cargo_args[@]}"; do
+    case "$arg" in
+        --lib | --bin | --bin=* | --bins | --test | --test=* | --tests | --example | --example=* \
+            | --examples | --bench | --bench=* | --benches | --doc | --all-targets) targets=() ;;
+    esac
+done
+threads=(--test-threads=2)
+for arg in "${test_args[@]}"; do
+    [[ "$arg" == --test-threads* ]] && threads=()
+done
+
+command -v cargo >/dev/null || { echo "test.sh: cargo not found (install Rust: https://rustup.rs)" >&2; exit 1; }
+
+echo "==> installing ONNX Runtime 1.31.1"
+scripts/setup-ort.sh
+
+s3_was_running=false
+if scripts/s3-server.sh status >/dev/null 2>&1; then
+    s3_was_running=true
+fi
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+    if [[ "$s3_was_running" == false ]]; then
+        echo "==> stopping the S3 server"
+        scripts/s3-server.sh stop || true
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+echo "==> starting the S3 server (SeaweedFS)"
+scripts/s3-server.sh start
+
+echo "==> RabbitMQ on 127.0.0.1:5672"
+scripts/rabbitmq.sh ensure
+
+export ORT_DYLIB_PATH="$ROOT/.tools/ort/libonnxruntime.so.1.31.1"
+# shellcheck source=/dev/null
+source "$ROOT/.tools/s3/credentials.env"
+export RETOUCHER_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
+
+cmd=(cargo test "${targets[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${test_args[@]}")
+echo "==> ${cmd[*]}"
+status=0
+"${cmd[@]}" || status=$?
+if ((status == 0)); then
+    echo "==> tests passed"
+else
+    echo "==> tests FAILED (cargo exit status $status)" >&2
+fi
+exit "$status"
