@@ -81,6 +81,8 @@ pub struct RunReport {
     pub wall_s: f64,
     pub jobs_per_s: f64,
     pub latency: Latency,
+    /// Mean time per job in each stage (from the jobs' diagnostics), in milliseconds.
+    pub stages_ms: BTreeMap<String, f64>,
     pub models: BTreeMap<String, ModelStats>,
     /// Jobs/s if the models were the only cost: 1 / Σ(items per job ÷ model-only items/s).
     pub model_only_jobs_per_s: f64,
@@ -135,8 +137,16 @@ impl Recorder {
 /// A generated test image: smooth colour gradients with noise, and magenta blobs when asked.
 pub fn synthetic_image(size: u32, blemishes: usize, rng: &mut impl Rng) -> RgbImage {
     let (a, b): ([f32; 3], [f32; 3]) = (
-        [rng.random_range(20.0..200.0), rng.random_range(20.0..200.0), rng.random_range(20.0..200.0)],
-        [rng.random_range(20.0..200.0), rng.random_range(20.0..200.0), rng.random_range(20.0..200.0)],
+        [
+            rng.random_range(20.0..200.0),
+            rng.random_range(20.0..200.0),
+            rng.random_range(20.0..200.0),
+        ],
+        [
+            rng.random_range(20.0..200.0),
+            rng.random_range(20.0..200.0),
+            rng.random_range(20.0..200.0),
+        ],
     );
     let mut img = RgbImage::from_fn(size, size, |x, y| {
         let t = (x + y) as f32 / (2 * size) as f32;
@@ -176,7 +186,9 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
 
     let mut batching = settings.batching.clone();
     for model in MODELS {
-        let entry = batching.entry(model.to_string()).or_insert_with(BatchingOverride::default);
+        let entry = batching
+            .entry(model.to_string())
+            .or_insert_with(BatchingOverride::default);
         if options.max_batch_size.is_some() {
             entry.max_batch_size = options.max_batch_size;
         }
@@ -184,12 +196,22 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
             entry.max_delay_ms = options.max_delay_ms;
         }
     }
-    runs.push(run_load("dynamic", settings, &bundle, &batching, options, &inputs, &work).await?);
+    runs.push(
+        run_load(
+            "dynamic", settings, &bundle, &batching, options, &inputs, &work,
+        )
+        .await?,
+    );
     if options.compare_batch_1 {
         for entry in batching.values_mut() {
             entry.max_batch_size = Some(1);
         }
-        runs.push(run_load("batch-1", settings, &bundle, &batching, options, &inputs, &work).await?);
+        runs.push(
+            run_load(
+                "batch-1", settings, &bundle, &batching, options, &inputs, &work,
+            )
+            .await?,
+        );
     }
     let _ = std::fs::remove_dir_all(&work);
     let dynamic_over_batch_1 = (runs.len() == 2 && runs[1].jobs_per_s > 0.0)
@@ -198,7 +220,9 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
         bundle: format!("{} {}", bundle.manifest.name, bundle.manifest.version),
         device: settings.models.device.clone(),
         image_size: options.image_size,
-        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         runs,
         dynamic_over_batch_1,
     })
@@ -211,7 +235,10 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// Writes a pool of distinct generated images (jobs cycle through them).
-fn write_inputs(dir: &std::path::Path, options: &BenchOptions) -> anyhow::Result<Vec<std::path::PathBuf>> {
+fn write_inputs(
+    dir: &std::path::Path,
+    options: &BenchOptions,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
     let pool = options.jobs.clamp(1, 32);
     (0..pool)
@@ -240,7 +267,12 @@ async fn run_load(
 ) -> anyhow::Result<RunReport> {
     let recorder = Arc::new(Recorder::default());
     let engine = engine_options(settings)?;
-    let agents = Arc::new(Agents::load(bundle.clone(), &engine, batching, recorder.clone())?);
+    let agents = Arc::new(Agents::load(
+        bundle.clone(),
+        &engine,
+        batching,
+        recorder.clone(),
+    )?);
     agents.warm_up().await?;
     recorder.take(); // warm-up batches are not part of the run
     let executor = Executor {
@@ -250,9 +282,13 @@ async fn run_load(
     };
     let out = work.join(label);
     let total = options.jobs;
-    eprintln!("[{label}] {total} jobs at concurrency {}", options.concurrency);
+    eprintln!(
+        "[{label}] {total} jobs at concurrency {}",
+        options.concurrency
+    );
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(total);
+    let mut stages: BTreeMap<String, f64> = BTreeMap::new();
     let mut failed = 0;
     let mut stream = futures_util::stream::iter((0..total).map(|i| {
         let executor = executor.clone();
@@ -278,7 +314,21 @@ async fn run_load(
     while let Some((elapsed, result)) = stream.next().await {
         done += 1;
         match result {
-            Ok(_) => latencies.push(elapsed.as_secs_f64() * 1000.0),
+            Ok(report) => {
+                latencies.push(elapsed.as_secs_f64() * 1000.0);
+                let t = &report.diagnostics.timings_ms;
+                for (name, ms) in [
+                    ("fetch", t.fetch),
+                    ("decode", t.decode),
+                    ("perception", t.perception),
+                    ("reasoning", t.reasoning),
+                    ("action", t.action),
+                    ("encode", t.encode),
+                    ("store", t.store),
+                ] {
+                    *stages.entry(name.to_string()).or_default() += ms;
+                }
+            }
             Err(e) => {
                 failed += 1;
                 if failed <= 3 {
@@ -298,6 +348,9 @@ async fn run_load(
     let mut models = recorder.take();
     latencies.sort_by(|a, b| a.total_cmp(b));
     let completed = latencies.len().max(1) as f64;
+    for ms in stages.values_mut() {
+        *ms /= completed;
+    }
     for (name, stats) in models.iter_mut() {
         stats.mean_batch_size = stats.items as f64 / stats.batches.max(1) as f64;
         stats.items_per_job = stats.items as f64 / completed;
@@ -342,6 +395,7 @@ async fn run_load(
             p95_ms: percentile(&latencies, 95.0),
             p99_ms: percentile(&latencies, 99.0),
         },
+        stages_ms: stages,
         models,
         model_only_jobs_per_s,
         end_to_end_over_model_only: if model_only_jobs_per_s > 0.0 {
@@ -356,7 +410,11 @@ fn max_batch_size(agents: &Agents, model: &str) -> usize {
     match model {
         "perception" => agents.perception.max_batch_size,
         "classifier" => agents.reasoning.max_batch_size,
-        "inpaint" => agents.action.inpaint().map(|t| t.max_batch_size).unwrap_or(1),
+        "inpaint" => agents
+            .action
+            .inpaint()
+            .map(|t| t.max_batch_size)
+            .unwrap_or(1),
         _ => 1,
     }
 }
@@ -439,9 +497,21 @@ pub fn table(report: &BenchReport) -> String {
             run.label, run.jobs, run.failed, run.concurrency, run.jobs_per_s,
             run.latency.p50_ms, run.latency.p95_ms, run.latency.p99_ms
         ));
+        let stages: Vec<String> = run
+            .stages_ms
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect();
+        s.push_str(&format!("  mean ms per job: {}\n", stages.join(", ")));
         s.push_str(&format!(
             "  {:<11} {:>9} {:>10} {:>10} {:>12} {:>14} {:>18}\n",
-            "model", "max batch", "mean batch", "items/job", "full/timeout", "inference ms", "model-only items/s"
+            "model",
+            "max batch",
+            "mean batch",
+            "items/job",
+            "full/timeout",
+            "inference ms",
+            "model-only items/s"
         ));
         for (name, m) in &run.models {
             s.push_str(&format!(

@@ -14,7 +14,7 @@ use super::{batch_settings, ModelInfo};
 use crate::bundle::Bundle;
 use crate::config::BatchingOverride;
 use crate::engine::batcher::{BatchObserver, Batcher};
-use crate::engine::{load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
+use crate::engine::{cpu_bound, load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
 use crate::error::{ErrorClass, JobError};
 use crate::imaging::{to_chw, Map};
 
@@ -125,7 +125,7 @@ impl Perception {
 
     /// The saliency map of an image, resized back to the image's size.
     pub async fn saliency(&self, image: &RgbImage, tokens: &Tokens) -> Result<Map, JobError> {
-        let request = self.request(image, tokens);
+        let request = cpu_bound(|| self.request(image, tokens));
         let data = self
             .batcher
             .submit(request)
@@ -147,7 +147,7 @@ impl Perception {
                 ),
             ));
         }
-        Ok(map.resize(image.width(), image.height()))
+        Ok(cpu_bound(|| map.resize(image.width(), image.height())))
     }
 
     pub fn batcher(&self) -> &Batcher<OnnxModel> {

@@ -15,7 +15,7 @@ use super::{batch_settings, ModelInfo};
 use crate::bundle::{Bundle, ReasoningSpec};
 use crate::config::BatchingOverride;
 use crate::engine::batcher::{BatchObserver, Batcher};
-use crate::engine::{load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
+use crate::engine::{cpu_bound, load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
 use crate::error::{ErrorClass, JobError};
 use crate::imaging::{dilate, grow_rect, Map};
 
@@ -90,24 +90,25 @@ impl Reasoning {
         saliency: &Map,
         threshold: f32,
     ) -> Result<Vec<Region>, JobError> {
-        let components = connected_regions(
-            saliency,
-            threshold,
-            self.spec.min_region_pixels,
-            self.spec.max_regions,
-        );
-        let prepared: Vec<(GrayImage, [u32; 4], u32)> = components
-            .into_iter()
-            .map(|c| {
-                // Grown so the repair also covers the blemish's soft edge, below the threshold.
-                let mask = dilate(&c.mask, self.spec.dilate_pixels);
-                let bbox = mask_bbox(&mask).unwrap_or(c.bbox);
-                (mask, bbox, c.pixels)
-            })
-            .collect();
-        let calls = prepared
-            .iter()
-            .map(|(mask, bbox, _)| self.classify(image, mask, *bbox));
+        let (prepared, requests): (Vec<(GrayImage, [u32; 4], u32)>, Vec<_>) = cpu_bound(|| {
+            let components = connected_regions(
+                saliency,
+                threshold,
+                self.spec.min_region_pixels,
+                self.spec.max_regions,
+            );
+            components
+                .into_iter()
+                .map(|c| {
+                    // Grown so the repair also covers the blemish's soft edge, below τ.
+                    let mask = dilate(&c.mask, self.spec.dilate_pixels);
+                    let bbox = mask_bbox(&mask).unwrap_or(c.bbox);
+                    let request = self.request(image, &mask, bbox);
+                    ((mask, bbox, c.pixels), request)
+                })
+                .unzip()
+        });
+        let calls = requests.into_iter().map(|request| self.submit(request));
         let logits = futures_util::future::join_all(calls).await;
         let categories = &self.bundle.manifest.taxonomy.categories;
         let mut regions = Vec::with_capacity(prepared.len());
@@ -154,14 +155,9 @@ impl Reasoning {
         vec![TensorData::F32(data)]
     }
 
-    async fn classify(
-        &self,
-        image: &RgbImage,
-        mask: &GrayImage,
-        bbox: [u32; 4],
-    ) -> Result<Vec<f32>, JobError> {
+    async fn submit(&self, request: Vec<TensorData>) -> Result<Vec<f32>, JobError> {
         self.classifier
-            .submit(self.request(image, mask, bbox))
+            .submit(request)
             .await
             .map_err(|e| JobError::new(ErrorClass::ModelError, e.to_string()))
     }
@@ -174,7 +170,8 @@ impl Reasoning {
         let image = RgbImage::new(64, 64);
         let mut mask = GrayImage::new(64, 64);
         mask.put_pixel(10, 10, image::Luma([255]));
-        let calls = (0..self.max_batch_size).map(|_| self.classify(&image, &mask, [10, 10, 1, 1]));
+        let request = self.request(&image, &mask, [10, 10, 1, 1]);
+        let calls = (0..self.max_batch_size).map(|_| self.submit(request.clone()));
         for result in futures_util::future::join_all(calls).await {
             result.map_err(|e| anyhow::anyhow!("{e}"))?;
         }

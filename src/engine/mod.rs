@@ -13,6 +13,17 @@ use anyhow::{bail, Context};
 use ort::session::Session;
 use ort::value::{Tensor, ValueType};
 
+/// Runs CPU-heavy pre- or post-processing (resizing, connected components, compositing) so that
+/// it does not stall the async threads that move every other job along: on a multi-threaded
+/// runtime the current thread hands its other tasks over while `f` runs.
+pub fn cpu_bound<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Where models run (`models.device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {

@@ -18,7 +18,7 @@ use super::ModelInfo;
 use crate::bundle::{Bundle, PatchMatchSpec};
 use crate::config::BatchingOverride;
 use crate::engine::batcher::BatchObserver;
-use crate::engine::EngineOptions;
+use crate::engine::{cpu_bound, EngineOptions};
 use crate::error::{ErrorClass, JobError};
 use crate::imaging::{composite, feather, grow_rect};
 
@@ -73,29 +73,34 @@ impl Action {
             return Ok(image.clone());
         }
         let (w, h) = image.dimensions();
-        let mut holes = GrayImage::new(w, h);
-        for region in regions {
-            for (dst, src) in holes.pixels_mut().zip(region.mask.pixels()) {
-                dst[0] = dst[0].max(src[0]);
+        let holes = cpu_bound(|| {
+            let mut holes = GrayImage::new(w, h);
+            for region in regions {
+                for (dst, src) in holes.pixels_mut().zip(region.mask.pixels()) {
+                    dst[0] = dst[0].max(src[0]);
+                }
             }
-        }
+            holes
+        });
         // Repairs run concurrently (the inpainting ones batch together), then are composited
         // one after another.
         let repairs = regions
             .iter()
             .map(|region| self.repair(image, &holes, region));
         let patches = futures_util::future::join_all(repairs).await;
-        let mut out = image.clone();
-        for (region, patch) in regions.iter().zip(patches) {
-            let (rect, patch) = patch?;
-            let [x, y, cw, ch] = rect;
-            let mask = imageops::crop_imm(&region.mask, x, y, cw, ch).to_image();
-            let alpha = feather(&mask, self.feather_pixels);
-            let mut target = imageops::crop_imm(&out, x, y, cw, ch).to_image();
-            composite(&mut target, &patch, &alpha);
-            imageops::replace(&mut out, &target, i64::from(x), i64::from(y));
-        }
-        Ok(out)
+        let patches: Vec<_> = patches.into_iter().collect::<Result<_, _>>()?;
+        Ok(cpu_bound(|| {
+            let mut out = image.clone();
+            for (region, (rect, patch)) in regions.iter().zip(patches) {
+                let [x, y, cw, ch] = rect;
+                let mask = imageops::crop_imm(&region.mask, x, y, cw, ch).to_image();
+                let alpha = feather(&mask, self.feather_pixels);
+                let mut target = imageops::crop_imm(&out, x, y, cw, ch).to_image();
+                composite(&mut target, &patch, &alpha);
+                imageops::replace(&mut out, &target, i64::from(x), i64::from(y));
+            }
+            out
+        }))
     }
 
     /// Runs the region's tool on a crop around it; returns the crop rectangle and its repair.
@@ -113,7 +118,8 @@ impl Action {
                 })?;
                 let rect = grow_rect(region.bbox, tool.context(), w, h);
                 let (crop, hole) = crops(image, holes, rect);
-                Ok((rect, tool.fill(&crop, &hole).await?))
+                let request = cpu_bound(|| tool.request(&crop, &hole));
+                Ok((rect, tool.fill(request, crop.width(), crop.height()).await?))
             }
             "patchmatch" => {
                 let rect = grow_rect(region.bbox, self.context, w, h);

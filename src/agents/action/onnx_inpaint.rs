@@ -11,7 +11,7 @@ use crate::agents::{batch_settings, ModelInfo};
 use crate::bundle::{Bundle, OnnxInpaintSpec};
 use crate::config::BatchingOverride;
 use crate::engine::batcher::{BatchObserver, Batcher};
-use crate::engine::{load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
+use crate::engine::{cpu_bound, load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
 use crate::error::{ErrorClass, JobError};
 
 pub struct OnnxInpaint {
@@ -86,12 +86,17 @@ impl OnnxInpaint {
         vec![TensorData::F32(pixels), TensorData::F32(mask)]
     }
 
-    /// Fills the hole of a crop; returns a crop-sized image (composited by the caller).
-    pub async fn fill(&self, crop: &RgbImage, hole: &GrayImage) -> Result<RgbImage, JobError> {
+    /// Runs a prepared request; returns the fill at the crop's size (composited by the caller).
+    pub async fn fill(
+        &self,
+        request: Vec<TensorData>,
+        width: u32,
+        height: u32,
+    ) -> Result<RgbImage, JobError> {
         let s = self.spec.input_size;
         let output = self
             .batcher
-            .submit(self.request(crop, hole))
+            .submit(request)
             .await
             .map_err(|e| JobError::new(ErrorClass::ModelError, e.to_string()))?;
         let plane = (s * s) as usize;
@@ -105,6 +110,13 @@ impl OnnxInpaint {
                 ),
             ));
         }
+        Ok(cpu_bound(|| self.to_image(&output, width, height)))
+    }
+
+    /// The model output (CHW, in `output_range`) as an RGB image of the crop's size.
+    fn to_image(&self, output: &[f32], width: u32, height: u32) -> RgbImage {
+        let s = self.spec.input_size;
+        let plane = (s * s) as usize;
         let [lo, hi] = self.spec.output_range;
         let scale = if hi > lo { 255.0 / (hi - lo) } else { 1.0 };
         let small = RgbImage::from_fn(s, s, |x, y| {
@@ -116,12 +128,7 @@ impl OnnxInpaint {
             };
             image::Rgb([px(0), px(1), px(2)])
         });
-        Ok(imageops::resize(
-            &small,
-            crop.width(),
-            crop.height(),
-            imageops::FilterType::Triangle,
-        ))
+        imageops::resize(&small, width, height, imageops::FilterType::Triangle)
     }
 
     pub async fn warm_up(&self) -> anyhow::Result<()> {
@@ -129,7 +136,8 @@ impl OnnxInpaint {
         let crop = RgbImage::new(s, s);
         let mut hole = GrayImage::new(s, s);
         hole.put_pixel(s / 2, s / 2, image::Luma([255]));
-        let calls = (0..self.max_batch_size).map(|_| self.fill(&crop, &hole));
+        let request = self.request(&crop, &hole);
+        let calls = (0..self.max_batch_size).map(|_| self.fill(request.clone(), s, s));
         for result in futures_util::future::join_all(calls).await {
             result.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
