@@ -186,9 +186,7 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
 
     let mut batching = settings.batching.clone();
     for model in MODELS {
-        let entry = batching
-            .entry(model.to_string())
-            .or_insert_with(BatchingOverride::default);
+        let entry = batching.entry(model.to_string()).or_default();
         if options.max_batch_size.is_some() {
             entry.max_batch_size = options.max_batch_size;
         }

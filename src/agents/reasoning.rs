@@ -35,6 +35,9 @@ pub struct Region {
     pub mask: GrayImage,
 }
 
+/// A region ready for the classifier: dilated mask, its bbox, the component's pixel count.
+type Prepared = (GrayImage, [u32; 4], u32);
+
 pub struct Reasoning {
     classifier: Batcher<OnnxModel>,
     bundle: Arc<Bundle>,
@@ -90,7 +93,7 @@ impl Reasoning {
         saliency: &Map,
         threshold: f32,
     ) -> Result<Vec<Region>, JobError> {
-        let (prepared, requests): (Vec<(GrayImage, [u32; 4], u32)>, Vec<_>) = cpu_bound(|| {
+        let (prepared, requests): (Vec<Prepared>, Vec<_>) = cpu_bound(|| {
             let components = connected_regions(
                 saliency,
                 threshold,
