@@ -19,7 +19,6 @@ pub struct Bundle {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub schema: u32,
     pub name: String,

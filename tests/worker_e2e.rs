@@ -337,15 +337,42 @@ async fn two_workers_share_one_queue_without_doing_a_job_twice() {
     let mut a = world.start_worker(&one);
     let mut b = world.start_worker(&one);
     let ids: Vec<String> = (0..12).map(|i| unique(&format!("shared-{i}"))).collect();
-    for id in &ids {
-        world
-            .publish(
-                json!({"job_id": id, "image": format!("s3://{}/cat.png", world.input), "prompt": "a cat"})
-                    .to_string()
-                    .as_bytes(),
-            )
-            .await;
-    }
+    // Published with `retoucher enqueue` from a JSONL file holding one invalid line: the valid
+    // jobs are published (with confirms), the invalid one is reported and not published.
+    let mut lines: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            json!({"job_id": id, "image": format!("s3://{}/cat.png", world.input), "prompt": "a cat"})
+                .to_string()
+        })
+        .collect();
+    lines.insert(
+        5,
+        r#"{"job_id": "no-prompt", "image": "s3://x/y.png"}"#.to_string(),
+    );
+    let file = std::env::temp_dir().join(format!("{}.jsonl", world.queue));
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let enqueue = std::process::Command::new(env!("CARGO_BIN_EXE_retoucher"))
+        .args([
+            "enqueue",
+            &format!("@{}", file.display()),
+            "--queue",
+            &world.queue,
+        ])
+        .env("RETOUCHER__BROKER__URL", amqp_url())
+        .output()
+        .expect("run retoucher enqueue");
+    let stderr = String::from_utf8_lossy(&enqueue.stderr);
+    assert_eq!(
+        enqueue.status.code(),
+        Some(1),
+        "one line was invalid:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(":6: invalid_message: required field 'prompt' is missing"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("published 12 jobs"), "{stderr}");
     let got = events.wait_for(&ids, WAIT).await;
     assert!(got
         .iter()
