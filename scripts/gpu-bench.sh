@@ -7,9 +7,11 @@
 #   3. runs `retoucher bench --device cuda` with dynamic batching and with batch size 1.
 # Results go to $OUT (default out/gpu): gpu.txt, cuda-vs-cpu.txt, bench-*.json, bench-*.txt.
 #
-# The binary: $RETOUCHER_BIN, else .gpu/retoucher.xz (unpacked to /tmp), else
+# The binary: $RETOUCHER_BIN, else .gpu/bin/retoucher.xz (unpacked to /tmp), else
 # target/release/retoucher (cargo build --release --features cuda). ONNX Runtime's CUDA build:
-# .gpu/ort/env.sh when present (../shared/gpu/pack-ort-cuda.sh makes it), else ORT_DYLIB_PATH.
+# .gpu/ort/env.sh when present (../shared/gpu/pack-ort-cuda.sh makes it), else a copy already
+# unpacked in /tmp/ort by an earlier call, else ORT_DYLIB_PATH. The two travel separately when
+# they do not fit one transfer: `GPU_STEP=prepare` unpacks ONNX Runtime and builds the bundles.
 # Knobs: JOBS (default 384), CONCURRENCY (96), IMAGE_SIZE (512), FP16 (0/1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +22,9 @@ IMAGE_SIZE=${IMAGE_SIZE:-512}
 mkdir -p "$OUT"
 
 bin=${RETOUCHER_BIN:-}
-if [[ -z "$bin" && -f .gpu/retoucher.xz ]]; then
+if [[ -z "$bin" && -f .gpu/bin/retoucher.xz ]]; then
     python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' \
-        .gpu/retoucher.xz /tmp/retoucher
+        .gpu/bin/retoucher.xz /tmp/retoucher
     chmod +x /tmp/retoucher
     bin=/tmp/retoucher
 fi
@@ -30,8 +32,26 @@ bin=${bin:-target/release/retoucher}
 if [[ -f .gpu/ort/env.sh ]]; then
     # shellcheck source=/dev/null
     source .gpu/ort/env.sh
+elif [[ -s /tmp/ort/libonnxruntime.so ]]; then
+    nv=$(python3 -c 'import glob,os,nvidia; print(":".join(d for r in nvidia.__path__ for d in sorted(glob.glob(os.path.join(r,"*","lib")))))' 2>/dev/null || true)
+    export LD_LIBRARY_PATH="/tmp/ort:${nv}:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export ORT_DYLIB_PATH=/tmp/ort/libonnxruntime.so
 fi
 : "${ORT_DYLIB_PATH:?set ORT_DYLIB_PATH to the onnxruntime-gpu library, or provide .gpu/ort}"
+
+build_bundles() {
+    [[ -s /tmp/bench-fp32/bundle.toml ]] ||
+        python3 models/bench/generate.py /tmp/bench-fp32 --image-size "$IMAGE_SIZE" --no-check
+    if [[ "${FP16:-0}" == 1 && ! -s /tmp/bench-fp16/bundle.toml ]]; then
+        python3 models/bench/generate.py /tmp/bench-fp16 --image-size "$IMAGE_SIZE" --fp16 --no-check
+    fi
+}
+if [[ "${GPU_STEP:-all}" == prepare ]]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    ls -la /tmp/ort
+    build_bundles
+    exit 0
+fi
 
 echo "==> GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -86,11 +106,10 @@ if r.get("dynamic_over_batch_1"):
 PY
 }
 
-echo "==> building the benchmark bundle"
-python3 models/bench/generate.py /tmp/bench-fp32 --image-size "$IMAGE_SIZE" --no-check
+echo "==> building the benchmark bundles"
+build_bundles
 bench fp32 /tmp/bench-fp32 --compare-batch-1
 if [[ "${FP16:-0}" == 1 ]]; then
-    python3 models/bench/generate.py /tmp/bench-fp16 --image-size "$IMAGE_SIZE" --fp16 --no-check
-    bench fp16 /tmp/bench-fp16
+    bench fp16 /tmp/bench-fp16 --compare-batch-1
 fi
 echo "==> done: $OUT"

@@ -50,6 +50,9 @@ command -v cargo >/dev/null || { echo "test.sh: cargo not found (install Rust: h
 echo "==> installing ONNX Runtime 1.31.1"
 scripts/setup-ort.sh
 
+echo "==> installing the ops validation tools (promtool, kubernetes-validate, hadolint, kubectl, CRD schemas)"
+scripts/ops-tools.sh
+
 s3_was_running=false
 if scripts/s3-server.sh status >/dev/null 2>&1; then
     s3_was_running=true

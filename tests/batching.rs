@@ -15,7 +15,11 @@ use serde_json::json;
 
 const JOBS: usize = 16;
 
-async fn run_jobs(world: &World, tag: &str, worker: &Worker) -> Vec<(serde_json::Value, image::RgbImage)> {
+async fn run_jobs(
+    world: &World,
+    tag: &str,
+    worker: &Worker,
+) -> Vec<(serde_json::Value, image::RgbImage)> {
     let mut events = world.events().await;
     let ids: Vec<String> = (0..JOBS).map(|i| format!("{tag}-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
@@ -52,8 +56,12 @@ fn mean_batch(metrics: &str, model: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_jobs_are_batched_and_batching_does_not_change_results() {
     let world = World::new().await;
-    world.put(&world.input, "cat.png", example("chelsea-blemished.png")).await;
-    world.put(&world.input, "coffee.png", example("coffee-blemished.png")).await;
+    world
+        .put(&world.input, "cat.png", example("chelsea-blemished.png"))
+        .await;
+    world
+        .put(&world.input, "coffee.png", example("coffee-blemished.png"))
+        .await;
 
     // Generous delay: the jobs arrive together and must meet in the batchers.
     let batched = [
@@ -67,13 +75,24 @@ async fn concurrent_jobs_are_batched_and_batching_does_not_change_results() {
     let mut worker = world.start_worker(&batched);
     // Warm-up batches count too: read the baseline first.
     let baseline = worker.metrics();
-    let warm_sum = metric_sum(&baseline, "retoucher_batch_size_sum", "model=\"perception\"");
-    let warm_count = metric_sum(&baseline, "retoucher_batch_size_count", "model=\"perception\"");
+    let warm_sum = metric_sum(
+        &baseline,
+        "retoucher_batch_size_sum",
+        "model=\"perception\"",
+    );
+    let warm_count = metric_sum(
+        &baseline,
+        "retoucher_batch_size_count",
+        "model=\"perception\"",
+    );
     let with_batching = run_jobs(&world, &unique("b"), &worker).await;
     let metrics = worker.metrics();
     let sum = metric_sum(&metrics, "retoucher_batch_size_sum", "model=\"perception\"") - warm_sum;
-    let count =
-        metric_sum(&metrics, "retoucher_batch_size_count", "model=\"perception\"") - warm_count;
+    let count = metric_sum(
+        &metrics,
+        "retoucher_batch_size_count",
+        "model=\"perception\"",
+    ) - warm_count;
     let perception_mean = sum / count;
     assert!(
         perception_mean > 1.0,
@@ -96,7 +115,11 @@ async fn concurrent_jobs_are_batched_and_batching_does_not_change_results() {
     let mut single = world.start_worker(&one);
     let without = run_jobs(&world, &unique("s"), &single).await;
     let metrics = single.metrics();
-    assert_eq!(mean_batch(&metrics, "perception"), 1.0, "batch size 1 was applied");
+    assert_eq!(
+        mean_batch(&metrics, "perception"),
+        1.0,
+        "batch size 1 was applied"
+    );
     assert!(single.terminate());
 
     for (i, ((ea, a), (eb, b))) in with_batching.iter().zip(&without).enumerate() {
@@ -108,7 +131,10 @@ async fn concurrent_jobs_are_batched_and_batching_does_not_change_results() {
             .flat_map(|(p, q)| (0..3).map(move |c| p[c].abs_diff(q[c])))
             .max()
             .unwrap_or(0);
-        assert!(max_diff <= 2, "job {i}: batched and unbatched differ by {max_diff}");
+        assert!(
+            max_diff <= 2,
+            "job {i}: batched and unbatched differ by {max_diff}"
+        );
     }
     world.cleanup().await;
 }

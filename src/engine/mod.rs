@@ -124,9 +124,20 @@ pub fn load_session(path: &Path, options: &EngineOptions) -> anyhow::Result<Sess
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level3)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if options.intra_threads > 0 {
+    // A spinning intra-op pool burns whole cores waiting for the next call; in a worker those
+    // cores decode, resize and encode other jobs' images, so threads sleep when idle.
+    builder = builder
+        .with_intra_op_spinning(false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let threads = match (options.intra_threads, options.device) {
+        (0, Device::Cpu) => 0,
+        // On a GPU only shape and glue ops run on the CPU: a few threads are plenty.
+        (0, Device::Cuda(_)) => 2,
+        (n, _) => n,
+    };
+    if threads > 0 {
         builder = builder
-            .with_intra_threads(options.intra_threads)
+            .with_intra_threads(threads)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     if let Device::Cuda(id) = options.device {
@@ -143,7 +154,12 @@ fn with_cuda(
     id: i32,
     fallback_to_cpu: bool,
 ) -> anyhow::Result<ort::session::builder::SessionBuilder> {
-    let ep = ort::ep::CUDA::default().with_device_id(id).build();
+    // Dynamic batching feeds many batch sizes: an exhaustive cuDNN search per new input shape
+    // would stall the first batches of every size for hundreds of milliseconds.
+    let ep = ort::ep::CUDA::default()
+        .with_device_id(id)
+        .with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic)
+        .build();
     // Without error_on_failure a failed registration silently runs on the CPU.
     let ep = if fallback_to_cpu {
         ep
