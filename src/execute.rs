@@ -18,6 +18,7 @@ use crate::diagnostics::{
     OutputInfo, RegionInfo, SaliencyInfo, WorkerInfo,
 };
 use crate::error::{ErrorClass, JobError};
+use crate::faults::{self, FaultPoint};
 use crate::imaging::{self, ImageLimits};
 use crate::job::JobOptions;
 use crate::metrics::metrics;
@@ -111,6 +112,7 @@ impl Executor {
             .await?;
         timings.fetch = ms(t);
         stage("fetch", timings.fetch);
+        faults::hit(FaultPoint::AfterFetch, &job.job_id).await;
 
         let t = Instant::now();
         let limits = ImageLimits {
@@ -126,6 +128,7 @@ impl Executor {
         let (decoded, sha256) = decoded?;
         timings.decode = ms(t);
         stage("decode", timings.decode);
+        faults::hit(FaultPoint::AfterDecode, &job.job_id).await;
         let (width, height) = decoded.rgb.dimensions();
 
         let settings = self.loop_settings(&job.options);
@@ -140,6 +143,7 @@ impl Executor {
         ] {
             stage(name, value);
         }
+        faults::hit(FaultPoint::AfterRetouch, &job.job_id).await;
 
         // Encode every file of the set off the async threads.
         let t = Instant::now();
@@ -175,7 +179,13 @@ impl Executor {
         let t = Instant::now();
         let puts = encoded.into_iter().map(|(name, body)| {
             let location = job.results.join(&name);
-            async move { self.storage.put(&location, body, "image/png").await }
+            async move {
+                self.storage.put(&location, body, "image/png").await?;
+                if name == layout::RETOUCHED {
+                    faults::hit(FaultPoint::AfterRetouchedWrite, &job.job_id).await;
+                }
+                Ok::<(), JobError>(())
+            }
         });
         for put in futures_util::future::join_all(puts).await {
             put?;
@@ -256,6 +266,7 @@ impl Executor {
         };
         let body = serde_json::to_vec_pretty(&diagnostics)
             .map_err(|e| JobError::new(ErrorClass::Internal, format!("diagnostics: {e}")))?;
+        faults::hit(FaultPoint::BeforeDiagnostics, &job.job_id).await;
         // Last: the commit marker.
         self.storage
             .put(
@@ -265,6 +276,7 @@ impl Executor {
             )
             .await?;
         stage("store", ms(t));
+        faults::hit(FaultPoint::AfterDiagnostics, &job.job_id).await;
         metrics()
             .iterations
             .observe(diagnostics.iterations.len() as f64);

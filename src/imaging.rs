@@ -83,6 +83,15 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, JobErr
         ));
     }
 
+    // The JPEG decoder fills a stream cut short with grey instead of failing; a truncated
+    // upload must be rejected, not retouched.
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(JobError::new(
+            ErrorClass::UndecodableImage,
+            "truncated jpeg: the data ends before the end-of-image marker",
+        ));
+    }
+
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(width);
@@ -97,6 +106,52 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, JobErr
     })
 }
 
+/// Whether a JPEG stream reaches its EOI marker: walks the marker segments from SOI, skipping
+/// each scan's entropy-coded data (where 0xFF is always followed by 0x00 or an RSTn marker).
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let len = bytes.len();
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        if i >= len || bytes[i] != 0xFF {
+            return false;
+        }
+        while i < len && bytes[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&marker) = bytes.get(i) else {
+            return false;
+        };
+        i += 1;
+        match marker {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {
+                let Some(seg) = bytes.get(i..i + 2) else {
+                    return false;
+                };
+                let seg = usize::from(u16::from_be_bytes([seg[0], seg[1]]));
+                if seg < 2 {
+                    return false;
+                }
+                i += seg;
+                if marker == 0xDA {
+                    loop {
+                        let (Some(&b), Some(&next)) = (bytes.get(i), bytes.get(i + 1)) else {
+                            return false;
+                        };
+                        if b == 0xFF && next != 0x00 && !(0xD0..=0xD7).contains(&next) {
+                            break;
+                        }
+                        i += if b == 0xFF { 2 } else { 1 };
+                    }
+                }
+            }
+        }
+    }
+}
 /// Identifies the container from its first bytes; only PNG and JPEG are accepted, and the
 /// error says what the bytes looked like so an operator can tell a WebP from an HTML error page.
 fn sniff(bytes: &[u8]) -> Result<(ImageFormat, &'static str), JobError> {
@@ -1003,5 +1058,24 @@ mod tests {
             [0, 0, 10, 10]
         );
         assert_eq!(grow_rect([0, 0, 5, 5], 0.5, 0, 0), [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn jpeg_cut_inside_the_image_data_is_undecodable() {
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/astronaut-blemished.jpg"
+        ))
+        .unwrap();
+        let limits = ImageLimits {
+            max_bytes: 1 << 30,
+            max_pixels: 1 << 30,
+        };
+        assert!(decode(&bytes, &limits).is_ok());
+        for cut in [bytes.len() / 3, bytes.len() / 2, bytes.len() - 2] {
+            let err = decode(&bytes[..cut], &limits).unwrap_err();
+            assert_eq!(err.class, ErrorClass::UndecodableImage, "cut at {cut}");
+            assert!(err.message.contains("truncated jpeg"), "{}", err.message);
+        }
     }
 }

@@ -117,6 +117,25 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Move dead letters back to the jobs queue (all, or by error class or job id), attempts reset.
+    Replay {
+        /// Only dead letters of these error classes (repeatable), e.g. storage_unavailable,
+        /// image_not_found, delivery_limit.
+        #[arg(long = "class")]
+        classes: Vec<String>,
+        /// Only these job ids (repeatable).
+        #[arg(long = "job-id")]
+        job_ids: Vec<String>,
+        /// Move at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// List what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Jobs queue whose dead letters to replay (broker.queue).
+        #[arg(long)]
+        queue: Option<String>,
+    },
     /// Apply the broker topology (queues, exchanges) kept in migrations/.
     Migrate {
         /// Jobs queue whose topology to apply (broker.queue).
@@ -185,7 +204,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             set("models.bundle", path(bundle.clone()));
             set("models.device", device.clone());
         }
-        Command::Enqueue { queue, .. } | Command::Migrate { queue, .. } => {
+        Command::Enqueue { queue, .. }
+        | Command::Migrate { queue, .. }
+        | Command::Replay { queue, .. } => {
             set("broker.queue", queue.clone());
         }
     }
@@ -313,6 +334,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Replay {
+            classes,
+            job_ids,
+            limit,
+            dry_run,
+            ..
+        } => {
+            let conn = broker::connect(&settings.broker.url, "retoucher-replay").await?;
+            let filter = retoucher::replay::ReplayFilter {
+                classes,
+                job_ids,
+                limit,
+            };
+            let queue = &settings.broker.queue;
+            let report = retoucher::replay::replay(&conn, queue, &filter, dry_run).await?;
+            for letter in &report.matched {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    if dry_run { "would move" } else { "moved" },
+                    letter.job_id.as_deref().unwrap_or("-"),
+                    letter.class,
+                    letter.reason
+                );
+            }
+            eprintln!(
+                "{} {} dead letters to {queue}, {} left in {queue}.dead",
+                if dry_run { "would move" } else { "moved" },
+                report.matched.len(),
+                report.kept + if dry_run { report.matched.len() } else { 0 }
+            );
+            let _ = conn.close(0, "done".into()).await;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { dry_run, .. } => {
             let conn = broker::connect(&settings.broker.url, "retoucher-migrate").await?;

@@ -521,3 +521,223 @@ pub fn decode(bytes: &[u8]) -> image::RgbImage {
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+// ---- Fault tests: workers that may crash, and dead letters the broker wrote itself. ----
+
+/// A dead letter with every header the fault tests look at.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    /// `x-retoucher-error-class`; empty when the broker dead-lettered the message itself.
+    pub class: String,
+    /// `x-retoucher-error`.
+    pub reason: String,
+    /// `reason` of the first `x-death` entry (`delivery_limit`, `rejected`, ...), when present.
+    pub death_reason: String,
+}
+
+impl World {
+    /// Starts a worker process without waiting for it to be ready: for workers that are meant
+    /// to crash, or whose start the test times itself.
+    pub fn spawn_worker(&self, extra: &[(&str, &str)]) -> Worker {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("{}-{port}.log", self.queue));
+        let file = std::fs::File::create(&log).expect("worker log");
+        let child = Command::new(env!("CARGO_BIN_EXE_retoucher"))
+            .arg("worker")
+            .envs(self.worker_env(port))
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start retoucher worker");
+        Worker {
+            child: Some(child),
+            port,
+            log,
+        }
+    }
+
+    /// Takes every message from the dead-letter queue, with its `x-death` reason.
+    pub async fn drain_dead_letters(&self) -> Vec<DeadLetter> {
+        use lapin::types::AMQPValue;
+        let channel = self.conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Ok(Some(msg)) = channel
+            .basic_get(
+                self.dead_queue().as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+        {
+            let headers = msg
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
+            let text = |name: &str| match headers.inner().get(name) {
+                Some(AMQPValue::LongString(s)) => s.to_string(),
+                Some(other) => format!("{other:?}"),
+                None => String::new(),
+            };
+            let death_reason = match headers.inner().get("x-death") {
+                Some(AMQPValue::FieldArray(deaths)) => deaths
+                    .as_slice()
+                    .first()
+                    .and_then(|d| match d {
+                        AMQPValue::FieldTable(t) => t.inner().get("reason").cloned(),
+                        _ => None,
+                    })
+                    .map(|r| match r {
+                        AMQPValue::LongString(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            out.push(DeadLetter {
+                body: msg.delivery.data.clone(),
+                class: text("x-retoucher-error-class"),
+                reason: text("x-retoucher-error"),
+                death_reason,
+            });
+            msg.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack dead letter");
+        }
+        let _ = channel.close(0, "done".into()).await;
+        out
+    }
+
+    /// Waits until the dead-letter queue has held `count` messages in all (draining it), or
+    /// the timeout passes; returns what it took.
+    pub async fn wait_dead_letters(&self, count: usize, timeout: Duration) -> Vec<DeadLetter> {
+        let deadline = Instant::now() + timeout;
+        let mut dead = Vec::new();
+        loop {
+            dead.extend(self.drain_dead_letters().await);
+            if dead.len() >= count || Instant::now() > deadline {
+                return dead;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Worker {
+    /// The process id, while the process is held.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits until `/readyz` says ready; `Err` (with the log) if the process exits first or the
+    /// timeout passes.
+    pub fn try_wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!(
+                        "worker exited with {status} before it was ready:\n{}",
+                        self.log_text()
+                    ));
+                }
+            }
+            if http_get(self.port, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                return Err(format!(
+                    "worker not ready after {timeout:?}:\n{}",
+                    self.log_text()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, then reaps the process: a worker dying at an arbitrary instant.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM without waiting (see [`Worker::wait_exit`]).
+    pub fn signal_term(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status; `None` if it is
+    /// still running (it is left running) or was already reaped.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if started.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `timeout` for `needle` to appear in the worker's log.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() <= timeout {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+/// Deletes every queue and version marker of the topology of jobs queue `queue` (dead-letter
+/// and retry delay queues included: [`World::cleanup`] predates topology v2 and leaves
+/// `{queue}.retry.*` behind). Each delete gets its own channel, since a failure closes it.
+pub async fn delete_topology(conn: &Connection, queue: &str) {
+    let queues = retoucher::broker::topology::queue_names(queue).unwrap_or_default();
+    for q in queues {
+        if let Ok(channel) = conn.create_channel().await {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = channel.close(0, "done".into()).await;
+        }
+    }
+    for v in 1..=retoucher::broker::topology::latest_version() + 1 {
+        if let Ok(channel) = conn.create_channel().await {
+            let _ = channel
+                .exchange_delete(
+                    retoucher::broker::topology::marker_exchange(queue, v)
+                        .as_str()
+                        .into(),
+                    Default::default(),
+                )
+                .await;
+            let _ = channel.close(0, "done".into()).await;
+        }
+    }
+}
