@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 const BUILT_IN: &str = include_str!("../config/default.toml");
 
 /// Keys whose values are lists: comma-separated in environment variables and `--set`.
-const LIST_KEYS: &[&str] = &["s3.allowed_buckets"];
+const LIST_KEYS: &[&str] = &["s3.allowed_buckets", "retry.delays_ms"];
 
 /// Every setting of the worker, as read from all layers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,6 +25,7 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub worker: WorkerSettings,
     pub limits: Limits,
+    pub retry: RetrySettings,
     #[serde(default)]
     pub batching: BTreeMap<String, BatchingOverride>,
 }
@@ -44,6 +45,35 @@ pub struct S3Config {
     pub force_path_style: bool,
     pub allowed_buckets: Vec<String>,
     pub output: String,
+    /// Attempts per S3 request inside one job attempt (the SDK's own retries, with backoff).
+    pub max_attempts: u32,
+    pub connect_timeout_secs: u64,
+    pub attempt_timeout_secs: u64,
+    pub operation_timeout_secs: u64,
+}
+
+impl S3Config {
+    /// The S3 client's timeouts and retries.
+    pub fn tuning(&self) -> crate::storage::S3Tuning {
+        crate::storage::S3Tuning {
+            connect_timeout: Duration::from_secs(self.connect_timeout_secs),
+            attempt_timeout: Duration::from_secs(self.attempt_timeout_secs),
+            operation_timeout: Duration::from_secs(self.operation_timeout_secs),
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+/// How transient job failures are retried through the delay queues (see [`crate::broker::retry`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetrySettings {
+    /// Attempts per job, the first included, before a transient failure is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before each retry in milliseconds, at most the delay queue's TTL; empty = the
+    /// topology's ladder. The last entry repeats.
+    pub delays_ms: Vec<u64>,
+    /// Fraction of each delay that is randomised away (0 = none, 0.5 = between half and all).
+    pub jitter: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,6 +147,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("s3.allowed_buckets")
+                .with_list_parse_key("retry.delays_ms")
                 .try_parsing(true),
         );
         for (key, value) in overrides {
@@ -154,7 +185,18 @@ impl Settings {
             self.worker.max_inflight > 0,
             "worker.max_inflight must be at least 1"
         );
+        anyhow::ensure!(
+            self.s3.max_attempts > 0,
+            "s3.max_attempts must be at least 1"
+        );
         crate::engine::Device::parse(&self.models.device)?;
+        // The retry settings must fit the delay queues that the topology declares.
+        crate::broker::RetryPolicy::new(&self.broker.queue, &self.retry).with_context(|| {
+            format!(
+                "checking retry.* against the broker topology of `{}`",
+                self.broker.queue
+            )
+        })?;
         Ok(())
     }
 }
@@ -201,6 +243,25 @@ mod tests {
     fn bad_device_is_rejected() {
         let err = Settings::load(None, &[("models.device".into(), "tpu".into())]).unwrap_err();
         assert!(format!("{err:#}").contains("tpu"), "{err:#}");
+    }
+
+    #[test]
+    fn retry_settings_default_to_the_ladder_and_lists_split() {
+        let s = Settings::load(None, &[]).unwrap();
+        assert_eq!(s.retry.max_attempts, 5);
+        assert!(s.retry.delays_ms.is_empty());
+        let s = Settings::load(
+            None,
+            &[
+                ("retry.delays_ms".into(), "100, 250".into()),
+                ("retry.max_attempts".into(), "3".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.retry.delays_ms, vec![100, 250]);
+        assert_eq!(s.retry.max_attempts, 3);
+        let err = Settings::load(None, &[("retry.delays_ms".into(), "2000".into())]).unwrap_err();
+        assert!(format!("{err:#}").contains("TTL"), "{err:#}");
     }
 
     #[test]

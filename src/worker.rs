@@ -2,10 +2,22 @@
 //! result set, publishes the event and only then acknowledges (at-least-once delivery with
 //! idempotent results).
 //!
-//! Outcomes: success → `job.succeeded` + ack; permanent failure → the original message to
-//! `<queue>.dead` with the error headers + `job.failed` + ack; transient failure → nack with
-//! requeue, so the quorum queue's delivery limit bounds the retries and dead-letters the rest.
-//! A job that panics fails alone; the worker keeps consuming.
+//! Outcomes, each confirmed by the broker before the delivery is acked (never lose a job):
+//! - success → `job.succeeded` + ack;
+//! - permanent failure → the original message to `<queue>.dead` with the error headers +
+//!   `job.failed` + ack;
+//! - transient failure → the original message, with `x-retoucher-attempt` = attempt + 1 and
+//!   the error headers, to the delay queue of the attempt (see [`crate::broker::retry`]), then
+//!   `job.retrying` (best effort) + ack; the broker returns it to the jobs queue when its TTL
+//!   runs out. Once `retry.max_attempts` attempts are spent: `<queue>.dead` with "gave up after
+//!   N attempts: <last error>" + `job.failed` + ack;
+//! - the retry or dead letter cannot be published → nack with requeue: the job comes straight
+//!   back (counted as an attempt by the quorum queue's delivery count, which also bounds such
+//!   loops with its delivery limit).
+//!
+//! A crash between a confirmed retry and the ack leaves two copies of the job (the retry and
+//! the redelivered original); idempotent results make that harmless. A job that panics fails
+//! alone (class `internal`, permanent); the worker keeps consuming.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,13 +29,13 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::agents::Agents;
-use crate::broker::{self, Event, EventError, Publisher};
+use crate::broker::{self, Event, EventError, Publisher, RetryDecision, RetryPolicy};
 use crate::bundle::Bundle;
 use crate::config::Settings;
 use crate::error::{ErrorClass, JobError};
@@ -37,6 +49,7 @@ struct Shared {
     executor: Executor,
     settings: Settings,
     publisher: Publisher,
+    retry: RetryPolicy,
 }
 
 /// What happened to one delivery.
@@ -68,14 +81,15 @@ pub async fn load_agents(settings: &Settings) -> anyhow::Result<Arc<Agents>> {
 
 /// S3 storage from the settings, counting requests in the metrics.
 pub async fn s3_storage(settings: &Settings) -> anyhow::Result<Storage> {
-    let storage = Storage::s3(&S3Settings {
+    let s3 = S3Settings {
         endpoint: settings.s3.endpoint.clone(),
         region: settings.s3.region.clone(),
         force_path_style: settings.s3.force_path_style,
         allowed_buckets: settings.s3.allowed_buckets.clone(),
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("configuring S3: {e}"))?;
+    };
+    let storage = Storage::s3_tuned(&s3, &settings.s3.tuning())
+        .await
+        .map_err(|e| anyhow::anyhow!("configuring S3: {e}"))?;
     Ok(storage.with_observer(Arc::new(|op, outcome| {
         metrics()
             .s3_requests_total
@@ -199,6 +213,7 @@ async fn consume(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let queue = settings.broker.queue.clone();
+    let retry = RetryPolicy::new(&queue, &settings.retry)?;
     let name = format!(
         "retoucher-worker@{}",
         gethostname::gethostname().to_string_lossy()
@@ -247,6 +262,7 @@ async fn consume(
             executor: executor.clone(),
             settings: settings.clone(),
             publisher,
+            retry: retry.clone(),
         });
         loop {
             // Hold a slot before taking the next delivery: a saturated worker stops pulling.
@@ -314,23 +330,6 @@ async fn consume(
     Ok(())
 }
 
-/// The delivery's attempt number: quorum queues count redeliveries in `x-delivery-count`.
-fn attempt_of(delivery: &Delivery) -> u32 {
-    let count = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("x-delivery-count").cloned());
-    let count = match count {
-        Some(AMQPValue::LongLongInt(n)) => n.max(0) as u32,
-        Some(AMQPValue::LongInt(n)) => n.max(0) as u32,
-        Some(AMQPValue::ShortInt(n)) => n.max(0) as u32,
-        Some(AMQPValue::LongUInt(n)) => n,
-        _ => 0,
-    };
-    count + 1
-}
-
 /// Milliseconds the message waited, from its `timestamp` property (seconds), when set.
 fn queue_ms(delivery: &Delivery) -> f64 {
     let Some(ts) = *delivery.properties.timestamp() else {
@@ -346,7 +345,7 @@ fn queue_ms(delivery: &Delivery) -> f64 {
 async fn handle(shared: Arc<Shared>, delivery: Delivery) {
     let started = Instant::now();
     let job_id = JobMessage::sniff_job_id(&delivery.data).unwrap_or_else(|| "-".to_string());
-    let attempt = attempt_of(&delivery);
+    let attempt = broker::attempt_of(&delivery.properties);
     let span = info_span!("job", job_id = %job_id, attempt);
     async move {
         metrics().inflight_jobs.inc();
@@ -478,73 +477,153 @@ async fn settle(
             metrics().jobs_total.with_label_values(&["duplicate"]).inc();
             info!("result set already complete: acknowledged without recomputing");
         }
-        Outcome::Failed(error) if error.is_transient() => {
-            metrics()
-                .errors_total
-                .with_label_values(&[error.class.as_str()])
-                .inc();
-            warn!(class = %error.class, error = %error.message, "transient failure: requeueing");
-            let event = failure_event(job_id, "retrying", attempt, duration_ms, &error, metadata);
-            if let Err(e) = shared.publisher.publish_event(&event).await {
-                warn!(error = %e, "publishing job.retrying failed");
-            }
-            requeue(delivery).await;
-            metrics().jobs_total.with_label_values(&["retried"]).inc();
-        }
         Outcome::Failed(error) => {
             metrics()
                 .errors_total
                 .with_label_values(&[error.class.as_str()])
                 .inc();
-            error!(class = %error.class, error = %error.message, "permanent failure: dead-lettering");
-            let queue = &shared.settings.broker.queue;
-            if let Err(e) = shared
-                .publisher
-                .dead_letter(
-                    queue,
-                    &delivery.data,
-                    &delivery.properties,
-                    error.class,
-                    &error.message,
-                )
-                .await
-            {
-                // Never ack what is not safely dead-lettered.
-                error!(error = %e, "dead-lettering failed: requeueing");
-                requeue(delivery).await;
+            let failure = Failure {
+                job_id,
+                attempt,
+                duration_ms,
+                metadata,
+            };
+            if !error.is_transient() {
+                error!(class = %error.class, error = %error.message, "permanent failure: dead-lettering");
+                dead_letter(shared, delivery, failure, error).await;
                 return;
             }
-            let event = failure_event(job_id, "failed", attempt, duration_ms, &error, metadata);
-            if let Err(e) = shared.publisher.publish_event(&event).await {
-                warn!(error = %e, "publishing job.failed failed");
+            match shared.retry.decide(attempt) {
+                RetryDecision::Retry {
+                    queue,
+                    expiration,
+                    next_attempt,
+                } => {
+                    retry(
+                        shared,
+                        delivery,
+                        failure,
+                        error,
+                        queue,
+                        expiration,
+                        next_attempt,
+                    )
+                    .await
+                }
+                RetryDecision::GiveUp => {
+                    error!(
+                        class = %error.class,
+                        error = %error.message,
+                        max_attempts = shared.retry.max_attempts(),
+                        "transient failure, attempts spent: dead-lettering"
+                    );
+                    let error = JobError::new(
+                        error.class,
+                        format!("gave up after {attempt} attempts: {}", error.message),
+                    );
+                    dead_letter(shared, delivery, failure, error).await;
+                }
             }
-            ack(delivery).await;
-            metrics().jobs_total.with_label_values(&["dead"]).inc();
         }
     }
 }
 
-fn failure_event(
-    job_id: &str,
-    status: &str,
+/// What the events of a failed delivery carry besides the error.
+struct Failure<'a> {
+    job_id: &'a str,
     attempt: u32,
     duration_ms: u64,
-    error: &JobError,
     metadata: Option<serde_json::Value>,
-) -> Event {
+}
+
+/// Schedules the next attempt through the delay queue `delay_queue`, then `job.retrying`,
+/// then the ack. The ack waits for the broker's confirm of the retry: if that fails the
+/// delivery is requeued instead, so the job is never lost.
+async fn retry(
+    shared: &Shared,
+    delivery: &Delivery,
+    failure: Failure<'_>,
+    error: JobError,
+    delay_queue: &str,
+    expiration: Duration,
+    next_attempt: u32,
+) {
+    if let Err(e) = shared
+        .publisher
+        .retry(
+            delay_queue,
+            &delivery.data,
+            &delivery.properties,
+            next_attempt,
+            &error,
+            expiration,
+        )
+        .await
+    {
+        error!(error = %e, "scheduling the retry failed: requeueing");
+        requeue(delivery).await;
+        return;
+    }
+    warn!(
+        class = %error.class,
+        error = %error.message,
+        next_attempt,
+        retry_in_ms = expiration.as_millis() as u64,
+        delay_queue,
+        "transient failure: retrying later"
+    );
+    let event = failure_event(&failure, "retrying", &error);
+    if let Err(e) = shared.publisher.publish_event(&event).await {
+        // Best effort: the retry is scheduled, which is what matters to the job.
+        warn!(error = %e, "publishing job.retrying failed");
+    }
+    ack(delivery).await;
+    metrics().jobs_total.with_label_values(&["retried"]).inc();
+}
+
+/// Sends the delivery to `<queue>.dead` with the error headers, then `job.failed`, then acks;
+/// requeues instead when the dead letter is not confirmed.
+async fn dead_letter(shared: &Shared, delivery: &Delivery, failure: Failure<'_>, error: JobError) {
+    let queue = &shared.settings.broker.queue;
+    if let Err(e) = shared
+        .publisher
+        .dead_letter(
+            queue,
+            &delivery.data,
+            &delivery.properties,
+            error.class,
+            &error.message,
+        )
+        .await
+    {
+        // Never ack what is not safely dead-lettered.
+        error!(error = %e, "dead-lettering failed: requeueing");
+        requeue(delivery).await;
+        return;
+    }
+    let event = failure_event(&failure, "failed", &error);
+    if let Err(e) = shared.publisher.publish_event(&event).await {
+        warn!(error = %e, "publishing job.failed failed");
+    }
+    ack(delivery).await;
+    metrics().jobs_total.with_label_values(&["dead"]).inc();
+}
+
+/// `job.retrying` (`attempt` is the attempt that failed) or `job.failed`.
+fn failure_event(failure: &Failure<'_>, status: &str, error: &JobError) -> Event {
     Event {
-        job_id: job_id.to_string(),
+        job_id: failure.job_id.to_string(),
         status: status.to_string(),
         output: None,
-        attempt,
+        attempt: failure.attempt,
         iterations: 0,
         regions: 0,
-        duration_ms,
+        duration_ms: failure.duration_ms,
         error: Some(EventError {
             class: error.class.as_str().to_string(),
             message: error.message.clone(),
         }),
-        metadata,
+        metadata: failure.metadata.clone(),
     }
 }
 

@@ -1,17 +1,20 @@
 //! The RabbitMQ side of the worker: connecting ([`connection`]), the versioned topology that
-//! `retoucher migrate` applies and the worker verifies at start ([`topology`]), and the
-//! confirmed publisher for jobs, events and dead letters ([`publisher`]).
+//! `retoucher migrate` applies and the worker verifies at start ([`topology`]), the confirmed
+//! publisher for jobs, events, retries and dead letters ([`publisher`]), and the retry policy
+//! that counts attempts and picks the delay queue ([`retry`]).
 //!
 //! Names shared by every module live here so that the contract (design §4.3, §4.5) is written
 //! down once.
 
 pub mod connection;
 pub mod publisher;
+pub mod retry;
 pub mod topology;
 
 pub use connection::{connect, connect_with_retry, redact};
 pub use publisher::{Event, EventError, Publisher};
-pub use topology::{migrate, verify, MigrationReport};
+pub use retry::{attempt_of, RetryDecision, RetryPolicy, ATTEMPT_HEADER};
+pub use topology::{migrate, migrate_to, verify, MigrationReport};
 
 use crate::error::{ErrorClass, JobError};
 
@@ -29,6 +32,11 @@ pub const ERROR_HEADER: &str = "x-retoucher-error";
 /// The dead-letter queue that belongs to a jobs queue.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dead")
+}
+
+/// The retry delay queue of step `step` (1-based) of a jobs queue (topology v2).
+pub fn delay_queue(queue: &str, step: usize) -> String {
+    format!("{queue}.retry.{step}")
 }
 
 /// Everything that can go wrong talking to RabbitMQ.

@@ -13,16 +13,17 @@ use std::{sync::Arc, time::Duration};
 
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
-    types::{AMQPValue, LongString},
+    types::{AMQPValue, FieldTable, LongString},
     BasicProperties, Channel, Confirmation, Connection,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::retry::{retry_headers, ATTEMPT_HEADER, DELIVERY_COUNT_HEADER};
 use super::{
     dead_letter_queue, short_string, BrokerError, ERROR_CLASS_HEADER, ERROR_HEADER, EVENTS_EXCHANGE,
 };
-use crate::error::ErrorClass;
+use crate::error::{ErrorClass, JobError};
 
 /// AMQP delivery mode that makes the broker write the message to disk.
 const PERSISTENT: u8 = 2;
@@ -149,8 +150,9 @@ impl Publisher {
 
     /// Sends a job that failed for good to `{queue}.dead` (design §4.5): the original body
     /// byte for byte and the original properties and headers, plus `x-retoucher-error-class`
-    /// and `x-retoucher-error` (one line, about 1 KiB at most). Persistent whatever the
-    /// original was.
+    /// and `x-retoucher-error` (one line, about 1 KiB at most), less the attempt counters
+    /// (`x-retoucher-attempt`, `x-delivery-count`), so that a replayed dead letter gets a
+    /// full set of attempts again. Persistent whatever the original was.
     pub async fn dead_letter(
         &self,
         queue: &str,
@@ -159,20 +161,43 @@ impl Publisher {
         class: ErrorClass,
         message: &str,
     ) -> Result<(), BrokerError> {
-        let mut headers = original.headers().clone().unwrap_or_default();
-        headers.insert(
-            ERROR_CLASS_HEADER.into(),
-            AMQPValue::LongString(LongString::from(class.as_str())),
-        );
-        headers.insert(
-            ERROR_HEADER.into(),
-            AMQPValue::LongString(LongString::from(one_line(message, MAX_ERROR_HEADER_BYTES))),
-        );
+        // A dead letter starts a fresh count of attempts when it is replayed: the reason says
+        // how many it took, and the broker's delivery count belongs to the copy being acked.
+        let mut headers = FieldTable::default();
+        for (key, value) in original.headers().clone().unwrap_or_default().inner() {
+            if key.as_str() != ATTEMPT_HEADER && key.as_str() != DELIVERY_COUNT_HEADER {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+        insert_error(&mut headers, class, message);
         let properties = dead_letter_properties(original)
             .with_headers(headers)
             .with_delivery_mode(PERSISTENT);
         self.publish("", &dead_letter_queue(queue), body, properties, true)
             .await
+    }
+
+    /// Schedules a job's next attempt (design §4.5): the original body byte for byte, the
+    /// original properties and headers, plus `x-retoucher-attempt = next_attempt` and the
+    /// `x-retoucher-error-class` / `x-retoucher-error` of the failure, to the delay queue
+    /// `delay_queue` with a per-message TTL of `expiration` (see [`super::retry`]). Mandatory
+    /// and confirmed: only once this returns `Ok` may the worker ack the failed delivery.
+    pub async fn retry(
+        &self,
+        delay_queue: &str,
+        body: &[u8],
+        original: &BasicProperties,
+        next_attempt: u32,
+        error: &JobError,
+        expiration: Duration,
+    ) -> Result<(), BrokerError> {
+        let mut headers = retry_headers(original, next_attempt);
+        insert_error(&mut headers, error.class, &error.message);
+        let properties = dead_letter_properties(original)
+            .with_headers(headers)
+            .with_delivery_mode(PERSISTENT)
+            .with_expiration(expiration.as_millis().to_string().into());
+        self.publish("", delay_queue, body, properties, true).await
     }
 
     /// Publishes one message and waits for its confirm. `mandatory` makes a message that no
@@ -216,6 +241,18 @@ impl Publisher {
         drop(channel);
         check_confirmation(confirmation, target)
     }
+}
+
+/// Adds `x-retoucher-error-class` and `x-retoucher-error` (one line, about 1 KiB at most).
+fn insert_error(headers: &mut FieldTable, class: ErrorClass, message: &str) {
+    headers.insert(
+        ERROR_CLASS_HEADER.into(),
+        AMQPValue::LongString(LongString::from(class.as_str())),
+    );
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(LongString::from(one_line(message, MAX_ERROR_HEADER_BYTES))),
+    );
 }
 
 /// Turns a confirm into a result: only a plain ack means the broker has the message.

@@ -30,11 +30,18 @@ pub struct Migration {
 
 /// Every migration this binary knows, in version order, starting at 1 without gaps.
 /// A released file is never edited: a change is a new file with the next number.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    text: include_str!("../../migrations/0001_initial.toml"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        text: include_str!("../../migrations/0001_initial.toml"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_retry_delays",
+        text: include_str!("../../migrations/0002_retry_delays.toml"),
+    },
+];
 
 /// The placeholder for the jobs queue name in migration files.
 const QUEUE_PLACEHOLDER: &str = "{queue}";
@@ -58,7 +65,7 @@ pub struct MigrationReport {
     pub queue: String,
     /// The broker's version before the run.
     pub from: u32,
-    /// The broker's version after the run (the latest this binary knows).
+    /// The broker's version after the run (the latest this binary knows, for [`migrate`]).
     pub to: u32,
     /// `(version, name)` of each migration applied, in order; empty when already up to date.
     pub applied: Vec<(u32, &'static str)>,
@@ -128,9 +135,27 @@ pub fn plan(queue: &str) -> Result<Vec<PlannedMigration>, BrokerError> {
 /// a broker at a newer version than this binary knows: an old binary must not "repair" a
 /// topology that a newer one has moved on from.
 pub async fn migrate(conn: &Connection, queue: &str) -> Result<MigrationReport, BrokerError> {
+    migrate_to(conn, queue, latest_version()).await
+}
+
+/// [`migrate`], but only up to `target`: what an older binary would have left behind. Lets
+/// tests (and an operator rolling out in steps) put a broker at an intermediate version.
+/// A broker already at or past `target` (but not past this binary) gets only the repair of
+/// the versions up to `target`; nothing is ever rolled back.
+pub async fn migrate_to(
+    conn: &Connection,
+    queue: &str,
+    target: u32,
+) -> Result<MigrationReport, BrokerError> {
+    let latest = latest_version();
+    if target > latest {
+        return Err(BrokerError::InvalidMigration {
+            name: format!("version {target}"),
+            reason: format!("this binary knows versions up to {latest}"),
+        });
+    }
     // Parse everything before declaring anything: a bad file must not leave half a version.
     let specs = parsed(queue)?;
-    let latest = latest_version();
     let from = current_version(conn, queue).await?;
     if from > latest {
         return Err(BrokerError::TopologyAhead {
@@ -139,8 +164,9 @@ pub async fn migrate(conn: &Connection, queue: &str) -> Result<MigrationReport, 
             known: latest,
         });
     }
+    let upto = target as usize;
     let mut applied = Vec::new();
-    for (migration, spec) in MIGRATIONS.iter().zip(&specs) {
+    for (migration, spec) in MIGRATIONS.iter().zip(&specs).take(upto) {
         if migration.version <= from {
             continue;
         }
@@ -153,11 +179,13 @@ pub async fn migrate(conn: &Connection, queue: &str) -> Result<MigrationReport, 
         apply(conn, queue, migration, spec).await?;
         applied.push((migration.version, migration.name));
     }
-    let repaired = repair(conn, &specs).await?;
+    // Repair what the broker's version promises, not what this binary could add.
+    let reached = from.max(target) as usize;
+    let repaired = repair(conn, &specs[..reached]).await?;
     Ok(MigrationReport {
         queue: queue.to_owned(),
         from,
-        to: latest,
+        to: from.max(target),
         applied,
         repaired,
     })
@@ -204,6 +232,44 @@ pub async fn verify(conn: &Connection, queue: &str) -> Result<u32, BrokerError> 
         }
     }
     Ok(current)
+}
+
+/// The names of every queue of the latest topology for `queue` (jobs, dead letters, delay
+/// queues…), e.g. for tests and tools that tear a deployment down.
+pub fn queue_names(queue: &str) -> Result<Vec<String>, BrokerError> {
+    let specs = parsed(queue)?;
+    Ok(FinalState::of(&specs)
+        .queues
+        .iter()
+        .map(|q| q.name.clone())
+        .collect())
+}
+
+/// The retry delay queues of the latest topology for `queue`, in step order, with their TTL
+/// (`x-message-ttl`): `{queue}.retry.1`, `{queue}.retry.2`, … as far as they go without a gap.
+/// The worker takes its backoff ladder from here, so the ladder is written down once, in the
+/// migration files. Empty before any migration declares one.
+pub fn delay_queues(queue: &str) -> Result<Vec<(String, std::time::Duration)>, BrokerError> {
+    let specs = parsed(queue)?;
+    let state = FinalState::of(&specs);
+    let mut out = Vec::new();
+    for step in 1.. {
+        let name = super::delay_queue(queue, step);
+        let Some(declared) = state.queues.iter().find(|q| q.name == name) else {
+            break;
+        };
+        let ttl = match declared.arguments.inner().get("x-message-ttl") {
+            Some(AMQPValue::LongLongInt(ms)) if *ms > 0 => *ms as u64,
+            _ => {
+                return Err(BrokerError::InvalidMigration {
+                    name: format!("delay queue `{name}`"),
+                    reason: "it needs a positive integer `x-message-ttl`".to_owned(),
+                })
+            }
+        };
+        out.push((name, std::time::Duration::from_millis(ttl)));
+    }
+    Ok(out)
 }
 
 fn missing(queue: &str, version: u32, what: String) -> BrokerError {
