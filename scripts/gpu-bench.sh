@@ -59,8 +59,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 echo "==> CUDA vs CPU on the reference bundle"
 rm -rf /tmp/ex-cuda /tmp/ex-cpu
-"$bin" run examples/jobs.jsonl --out /tmp/ex-cuda --device cuda 2>&1 | tail -n 7
-"$bin" run examples/jobs.jsonl --out /tmp/ex-cpu --device cpu 2>&1 | tail -n 2
+("$bin" run examples/jobs.jsonl --out /tmp/ex-cuda --device cuda 2>&1 || echo "exit status $?") | tail -n 7
+("$bin" run examples/jobs.jsonl --out /tmp/ex-cpu --device cpu 2>&1 || echo "exit status $?") | tail -n 2
 python3 - /tmp/ex-cuda /tmp/ex-cpu <<'PY' | tee "$OUT/cuda-vs-cpu.txt"
 import json, os, sys
 import numpy as np

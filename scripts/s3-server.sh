@@ -189,6 +189,11 @@ cmd_start() {
         die "port $S3_PORT is already taken by another process (see: ss -ltnp 'sport = :$S3_PORT')"
     fi
     write_identities
+    # S3_FRESH=1 starts from an empty store: every bucket is a SeaweedFS collection with
+    # volumes of its own, and test runs create hundreds, which would exhaust the volume slots.
+    if [[ "${S3_FRESH:-0}" == 1 ]]; then
+        rm -rf "$DATA"
+    fi
     mkdir -p "$DATA"
     # Asynchronous commands of a non-interactive shell ignore SIGINT; nohup adds SIGHUP,
     # so the server outlives the shell that started it until `stop`.

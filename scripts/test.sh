@@ -69,7 +69,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 echo "==> starting the S3 server (SeaweedFS)"
-scripts/s3-server.sh start
+if [[ "$s3_was_running" == false ]]; then
+    S3_FRESH=1 scripts/s3-server.sh start
+else
+    scripts/s3-server.sh start
+fi
 
 echo "==> RabbitMQ on 127.0.0.1:5672"
 scripts/rabbitmq.sh ensure

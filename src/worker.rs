@@ -55,8 +55,9 @@ struct Shared {
 /// What happened to one delivery.
 enum Outcome {
     Done(Box<JobReport>),
-    /// The result set was already complete (a redelivery): acknowledged without recomputing.
-    AlreadyDone,
+    /// The result set was already complete (a redelivery): acknowledged without recomputing,
+    /// and its `job.succeeded` published again, since the first one may never have gone out.
+    AlreadyDone(Box<crate::diagnostics::Diagnostics>),
     Failed(JobError),
 }
 
@@ -133,6 +134,8 @@ pub fn resolve(
 
 /// Runs the worker until SIGTERM/SIGINT, then drains.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // A mistyped fault spec must stop a test worker at start, not silently do nothing.
+    crate::faults::init().map_err(|e| anyhow::anyhow!("{}: {e}", crate::faults::ENV_VAR))?;
     let readiness = Arc::new(Readiness::default());
     metrics::serve(&settings.metrics.listen, readiness.clone()).await?;
 
@@ -222,7 +225,9 @@ async fn consume(
     let mut tasks = JoinSet::new();
     let mut first = true;
     // The connection in use stays open while draining, so in-flight jobs can still ack.
-    let mut held: Option<lapin::Connection> = None;
+    // (lapin closes a channel when its last handle is dropped, which would poison the ackers
+    // of every job still running, so the channel and consumer are held as well.)
+    let mut held: Option<(lapin::Connection, lapin::Channel, lapin::Consumer)> = None;
     'connection: loop {
         if *stop.borrow() {
             break;
@@ -278,9 +283,12 @@ async fn consume(
                 None => None,
             };
             let (Some(permit), Some(delivery)) = (permit, delivery) else {
-                // Stop taking messages; what was prefetched goes back to the queue.
+                // Stop taking messages, and hand what was prefetched but not started back
+                // to the queue now rather than when the connection closes after the drain,
+                // so other workers can take it at once.
                 cancel(&channel, &tag).await;
-                held = Some(conn);
+                requeue_prefetched(&mut consumer).await;
+                held = Some((conn, channel, consumer));
                 break 'connection;
             };
             match delivery {
@@ -322,8 +330,9 @@ async fn consume(
         );
         tasks.abort_all();
     }
-    if let Some(conn) = held {
-        let _ = conn.close(0, "worker stopped".into()).await;
+    if let Some((conn, channel, _consumer)) = held {
+        let _ = channel.close(200, "worker stopped".into()).await;
+        let _ = conn.close(200, "worker stopped".into()).await;
     }
     info!("worker stopped");
     metrics().broker_connected.set(0);
@@ -415,7 +424,7 @@ async fn process(shared: &Shared, data: &[u8], attempt: u32, queued: f64) -> Out
         Err(e) => return Outcome::Failed(e),
     };
     match shared.executor.completed(&spec).await {
-        Ok(Some(_)) => return Outcome::AlreadyDone,
+        Ok(Some(done)) => return Outcome::AlreadyDone(Box::new(done)),
         Ok(None) => {}
         Err(e) => return Outcome::Failed(e),
     }
@@ -472,7 +481,23 @@ async fn settle(
                 "job done"
             );
         }
-        Outcome::AlreadyDone => {
+        Outcome::AlreadyDone(done) => {
+            let event = Event {
+                job_id: job_id.to_string(),
+                status: done.status.clone(),
+                output: Some(done.output.uri.clone()),
+                attempt,
+                iterations: done.iterations.len() as u32,
+                regions: done.iterations.iter().map(|i| i.regions.len() as u32).sum(),
+                duration_ms,
+                error: None,
+                metadata,
+            };
+            if let Err(e) = shared.publisher.publish_event(&event).await {
+                warn!(error = %e, "publishing job.succeeded failed: requeueing");
+                requeue(delivery).await;
+                return;
+            }
             ack(delivery).await;
             metrics().jobs_total.with_label_values(&["duplicate"]).inc();
             info!("result set already complete: acknowledged without recomputing");
@@ -628,8 +653,14 @@ fn failure_event(failure: &Failure<'_>, status: &str, error: &JobError) -> Event
 }
 
 async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-        warn!(error = %e, "ack failed: the job will be redelivered");
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        // lapin answers Ok(false) without sending anything when the acker is no longer usable.
+        Ok(false) => warn!(
+            poisoned = delivery.acker.poisoned(),
+            "ack not sent (channel closed or delivery already settled): the job will be redelivered"
+        ),
+        Err(e) => warn!(error = %e, "ack failed: the job will be redelivered"),
     }
 }
 
@@ -640,6 +671,21 @@ async fn requeue(delivery: &Delivery) {
     };
     if let Err(e) = delivery.acker.nack(options).await {
         warn!(error = %e, "nack failed: the job will be redelivered");
+    }
+}
+
+/// Nacks (with requeue) the deliveries already buffered for a cancelled consumer.
+async fn requeue_prefetched(consumer: &mut lapin::Consumer) {
+    let mut returned = 0;
+    // After basic.cancel the stream ends once the broker confirms; bounded in case it does not.
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+    {
+        requeue(&delivery).await;
+        returned += 1;
+    }
+    if returned > 0 {
+        info!(returned, "prefetched jobs handed back to the queue");
     }
 }
 

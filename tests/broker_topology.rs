@@ -57,7 +57,9 @@ async fn cleanup(queue: &str) {
     let conn = connection().await;
     // Deleting something absent is fine on RabbitMQ 3.10, but a failure closes the channel,
     // so each delete gets its own.
-    for name in [queue.to_owned(), broker::dead_letter_queue(queue)] {
+    let mut names = topology::queue_names(queue).unwrap_or_default();
+    names.extend([queue.to_owned(), broker::dead_letter_queue(queue)]);
+    for name in names {
         let channel = conn.create_channel().await.expect("channel");
         let _ = channel
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())

@@ -161,6 +161,27 @@ impl World {
         worker
     }
 
+    /// Deletes a bucket and everything in it (best effort).
+    pub async fn delete_bucket(&self, bucket: &str) {
+        loop {
+            let Ok(listed) = self.s3.list_objects_v2().bucket(bucket).send().await else {
+                break;
+            };
+            let keys: Vec<String> = listed
+                .contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_string))
+                .collect();
+            if keys.is_empty() {
+                break;
+            }
+            for key in keys {
+                let _ = self.s3.delete_object().bucket(bucket).key(key).send().await;
+            }
+        }
+        let _ = self.s3.delete_bucket().bucket(bucket).send().await;
+    }
+
     pub async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) {
         self.s3
             .put_object()
@@ -325,8 +346,14 @@ impl World {
         out
     }
 
-    /// Deletes this world's queues (buckets stay: the S3 server's data dir is temporary).
+    /// Deletes this world's queues and topology markers (buckets stay: the S3 server's data
+    /// dir is the test run's own).
     pub async fn cleanup(&self) {
+        delete_topology(&self.conn, &self.queue).await;
+        // Each bucket is a SeaweedFS collection holding volume slots of its own: free them.
+        for bucket in [&self.input, &self.output, &self.forbidden] {
+            self.delete_bucket(bucket).await;
+        }
         let channel = self.conn.create_channel().await.expect("channel");
         for q in [self.queue.clone(), self.dead_queue()] {
             let _ = channel
@@ -738,6 +765,188 @@ pub async fn delete_topology(conn: &Connection, queue: &str) {
                 )
                 .await;
             let _ = channel.close(0, "done".into()).await;
+        }
+    }
+}
+
+// ---- Broker restarts and load runs: controlling RabbitMQ, reconnecting, bulk result checks. ----
+
+/// Runs `rabbitmqctl ARGS` with a deadline; `Err` (with its output) when it is missing, fails or
+/// overruns. Tests that restart the broker need it (and the rights to run it: root, or the
+/// rabbitmq user's Erlang cookie).
+pub fn rabbitmqctl(args: &[&str], timeout: Duration) -> Result<String, String> {
+    let mut child = Command::new("rabbitmqctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `rabbitmqctl {}`: {e}", args.join(" ")))?;
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let mut out = String::new();
+                if let Some(mut s) = child.stdout.take() {
+                    let _ = s.read_to_string(&mut out);
+                }
+                if let Some(mut s) = child.stderr.take() {
+                    let _ = s.read_to_string(&mut out);
+                }
+                return if status.success() {
+                    Ok(out)
+                } else {
+                    Err(format!(
+                        "`rabbitmqctl {}` exited with {status}:\n{out}",
+                        args.join(" ")
+                    ))
+                };
+            }
+            Ok(None) if started.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "`rabbitmqctl {}` did not finish within {timeout:?}",
+                    args.join(" ")
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(format!("waiting for rabbitmqctl: {e}")),
+        }
+    }
+}
+
+/// Opens an AMQP connection to the test broker, retrying until `timeout` (a broker that is
+/// starting refuses connections for a while).
+pub async fn connect_amqp_retry(timeout: Duration) -> Connection {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+            Ok(conn) => return conn,
+            Err(e) if Instant::now() > deadline => {
+                panic!("RabbitMQ did not accept a connection within {timeout:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Every key under `prefix` (all pages, unlike [`World::keys`]); panics if S3 fails.
+pub async fn all_keys(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Vec<String> {
+    try_all_keys(s3, bucket, prefix)
+        .await
+        .unwrap_or_else(|e| panic!("listing s3://{bucket}/{prefix}: {e}"))
+}
+
+/// Every key under `prefix` (all pages), or the S3 error.
+pub async fn try_all_keys(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let out = s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_continuation_token(token.clone())
+            .send()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        keys.extend(
+            out.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_string)),
+        );
+        match out.next_continuation_token() {
+            Some(next) if out.is_truncated() == Some(true) => token = Some(next.to_string()),
+            _ => break,
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+/// Checks one job's result set under `{results}{job_id}/` in the output bucket, given the
+/// bucket's listing: `diagnostics.json` (the commit marker) names the job, `retouched.png`
+/// decodes to `size`, and every file the diagnostics list is stored. Returns the diagnostics,
+/// or why the set is not complete.
+pub async fn check_result_set(
+    world: &World,
+    keys: &std::collections::HashSet<String>,
+    id: &str,
+    size: (u32, u32),
+) -> Result<serde_json::Value, String> {
+    let prefix = format!("results/{id}/");
+    let marker = world
+        .get(&world.output, &format!("{prefix}diagnostics.json"))
+        .await
+        .ok_or_else(|| format!("{id}: diagnostics.json missing"))?;
+    let diagnostics: serde_json::Value = serde_json::from_slice(&marker)
+        .map_err(|e| format!("{id}: diagnostics.json is not JSON: {e}"))?;
+    if diagnostics["job_id"] != id {
+        return Err(format!("{id}: diagnostics name {}", diagnostics["job_id"]));
+    }
+    let retouched = world
+        .get(&world.output, &format!("{prefix}retouched.png"))
+        .await
+        .ok_or_else(|| format!("{id}: retouched.png missing"))?;
+    let retouched = image::load_from_memory(&retouched)
+        .map_err(|e| format!("{id}: retouched.png does not decode: {e}"))?;
+    if (retouched.width(), retouched.height()) != size {
+        return Err(format!(
+            "{id}: retouched.png is {}x{}, the input {}x{}",
+            retouched.width(),
+            retouched.height(),
+            size.0,
+            size.1
+        ));
+    }
+    for iteration in diagnostics["iterations"].as_array().into_iter().flatten() {
+        let mut files = vec![iteration["saliency"]["map"].as_str().unwrap_or_default()];
+        for region in iteration["regions"].as_array().into_iter().flatten() {
+            files.push(region["mask"].as_str().unwrap_or_default());
+        }
+        for file in files {
+            if !keys.contains(&format!("{prefix}{file}")) {
+                return Err(format!("{id}: {file} is listed but not stored"));
+            }
+        }
+    }
+    Ok(diagnostics)
+}
+
+impl World {
+    /// Empties and deletes this world's buckets, like [`World::cleanup`] does one object at a
+    /// time, but with batched `DeleteObjects` (1,000 keys a request): for the tens of thousands
+    /// of result files of a load run. Every bucket holds a SeaweedFS volume of its own, out of
+    /// a fixed number. Best effort: errors are ignored.
+    pub async fn delete_buckets(&self) {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        for bucket in [&self.input, &self.output, &self.forbidden] {
+            let keys = try_all_keys(&self.s3, bucket, "").await.unwrap_or_default();
+            for chunk in keys.chunks(1000) {
+                let objects: Vec<ObjectIdentifier> = chunk
+                    .iter()
+                    .filter_map(|k| ObjectIdentifier::builder().key(k).build().ok())
+                    .collect();
+                if let Ok(delete) = Delete::builder()
+                    .set_objects(Some(objects))
+                    .quiet(true)
+                    .build()
+                {
+                    let _ = self
+                        .s3
+                        .delete_objects()
+                        .bucket(bucket)
+                        .delete(delete)
+                        .send()
+                        .await;
+                }
+            }
+            let _ = self.s3.delete_bucket().bucket(bucket).send().await;
         }
     }
 }
