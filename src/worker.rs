@@ -451,21 +451,8 @@ async fn settle(
         .filter(|m| m.is_object());
     match outcome {
         Outcome::Done(report) => {
-            let event = Event {
-                job_id: job_id.to_string(),
-                status: report.status().to_string(),
-                output: Some(report.diagnostics.output.uri.clone()),
-                attempt,
-                iterations: report.iterations() as u32,
-                regions: report.regions as u32,
-                duration_ms,
-                error: None,
-                metadata,
-            };
-            if let Err(e) = shared.publisher.publish_event(&event).await {
-                // The result set is complete; a redelivery will find it and only ack.
-                warn!(error = %e, "publishing job.succeeded failed: requeueing");
-                requeue(delivery).await;
+            let event = success_event(job_id, &report.diagnostics, attempt, duration_ms, metadata);
+            if !publish_success(shared, delivery, &event).await {
                 return;
             }
             ack(delivery).await;
@@ -482,20 +469,8 @@ async fn settle(
             );
         }
         Outcome::AlreadyDone(done) => {
-            let event = Event {
-                job_id: job_id.to_string(),
-                status: done.status.clone(),
-                output: Some(done.output.uri.clone()),
-                attempt,
-                iterations: done.iterations.len() as u32,
-                regions: done.iterations.iter().map(|i| i.regions.len() as u32).sum(),
-                duration_ms,
-                error: None,
-                metadata,
-            };
-            if let Err(e) = shared.publisher.publish_event(&event).await {
-                warn!(error = %e, "publishing job.succeeded failed: requeueing");
-                requeue(delivery).await;
+            let event = success_event(job_id, &done, attempt, duration_ms, metadata);
+            if !publish_success(shared, delivery, &event).await {
                 return;
             }
             ack(delivery).await;
@@ -649,6 +624,44 @@ fn failure_event(failure: &Failure<'_>, status: &str, error: &JobError) -> Event
             message: error.message.clone(),
         }),
         metadata: failure.metadata.clone(),
+    }
+}
+
+/// The `job.succeeded` event of a stored result set.
+fn success_event(
+    job_id: &str,
+    diagnostics: &crate::diagnostics::Diagnostics,
+    attempt: u32,
+    duration_ms: u64,
+    metadata: Option<serde_json::Value>,
+) -> Event {
+    Event {
+        job_id: job_id.to_string(),
+        status: diagnostics.status.clone(),
+        output: Some(diagnostics.output.uri.clone()),
+        attempt,
+        iterations: diagnostics.iterations.len() as u32,
+        regions: diagnostics
+            .iterations
+            .iter()
+            .map(|i| i.regions.len() as u32)
+            .sum(),
+        duration_ms,
+        error: None,
+        metadata,
+    }
+}
+
+/// Publishes `job.succeeded`; on failure requeues the delivery (the result set is complete, so
+/// the redelivery only publishes the event again) and returns false.
+async fn publish_success(shared: &Shared, delivery: &Delivery, event: &Event) -> bool {
+    match shared.publisher.publish_event(event).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "publishing job.succeeded failed: requeueing");
+            requeue(delivery).await;
+            false
+        }
     }
 }
 
