@@ -43,6 +43,10 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Batches per model in the model-only phase.
     pub model_only_batches: usize,
+    /// Go through the real broker and S3 (`broker.*`, `s3.*`): inputs are uploaded to the
+    /// first allowed bucket, jobs are published to the queue, an in-process worker consumes
+    /// them, and latency runs from publish to the `job.succeeded` event.
+    pub through_broker: bool,
 }
 
 /// Per-model figures of one run.
@@ -273,11 +277,6 @@ async fn run_load(
     )?);
     agents.warm_up().await?;
     recorder.take(); // warm-up batches are not part of the run
-    let executor = Executor {
-        agents: agents.clone(),
-        storage: Storage::local(),
-        limits: settings.limits.clone(),
-    };
     let out = work.join(label);
     let total = options.jobs;
     eprintln!(
@@ -288,57 +287,67 @@ async fn run_load(
     let mut latencies = Vec::with_capacity(total);
     let mut stages: BTreeMap<String, f64> = BTreeMap::new();
     let mut failed = 0;
-    let mut stream = futures_util::stream::iter((0..total).map(|i| {
-        let executor = executor.clone();
-        let job = JobSpec {
-            job_id: format!("bench-{i}"),
-            image: Location::File(inputs[i % inputs.len()].clone()),
-            prompt: "a photo, detailed, natural light".to_string(),
-            results: Location::File(out.clone()).join(&format!("bench-{i}/")),
-            options: JobOptions::default(),
-            metadata: None,
-            attempt: 1,
-            queue_ms: 0.0,
+    if options.through_broker {
+        (latencies, stages, failed) =
+            through_broker(label, settings, agents.clone(), options, inputs).await?;
+    } else {
+        let executor = Executor {
+            agents: agents.clone(),
+            storage: Storage::local(),
+            limits: settings.limits.clone(),
         };
-        async move {
-            let t = Instant::now();
-            let result = executor.execute(&job).await;
-            (t.elapsed(), result)
-        }
-    }))
-    .buffer_unordered(options.concurrency.max(1));
-    let mut done = 0;
-    let step = (total / 10).max(1);
-    while let Some((elapsed, result)) = stream.next().await {
-        done += 1;
-        match result {
-            Ok(report) => {
-                latencies.push(elapsed.as_secs_f64() * 1000.0);
-                let t = &report.diagnostics.timings_ms;
-                for (name, ms) in [
-                    ("fetch", t.fetch),
-                    ("decode", t.decode),
-                    ("perception", t.perception),
-                    ("reasoning", t.reasoning),
-                    ("action", t.action),
-                    ("encode", t.encode),
-                    ("store", t.store),
-                ] {
-                    *stages.entry(name.to_string()).or_default() += ms;
+        let mut stream = futures_util::stream::iter((0..total).map(|i| {
+            let executor = executor.clone();
+            let job = JobSpec {
+                job_id: format!("bench-{i}"),
+                image: Location::File(inputs[i % inputs.len()].clone()),
+                prompt: "a photo, detailed, natural light".to_string(),
+                results: Location::File(out.clone()).join(&format!("bench-{i}/")),
+                options: JobOptions::default(),
+                metadata: None,
+                attempt: 1,
+                queue_ms: 0.0,
+            };
+            async move {
+                let t = Instant::now();
+                let result = executor.execute(&job).await;
+                (t.elapsed(), result)
+            }
+        }))
+        .buffer_unordered(options.concurrency.max(1));
+        let mut done = 0;
+        let step = (total / 10).max(1);
+        while let Some((elapsed, result)) = stream.next().await {
+            done += 1;
+            match result {
+                Ok(report) => {
+                    latencies.push(elapsed.as_secs_f64() * 1000.0);
+                    let t = &report.diagnostics.timings_ms;
+                    for (name, ms) in [
+                        ("fetch", t.fetch),
+                        ("decode", t.decode),
+                        ("perception", t.perception),
+                        ("reasoning", t.reasoning),
+                        ("action", t.action),
+                        ("encode", t.encode),
+                        ("store", t.store),
+                    ] {
+                        *stages.entry(name.to_string()).or_default() += ms;
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    if failed <= 3 {
+                        eprintln!("[{label}] job failed: {e}");
+                    }
                 }
             }
-            Err(e) => {
-                failed += 1;
-                if failed <= 3 {
-                    eprintln!("[{label}] job failed: {e}");
-                }
+            if done % step == 0 || done == total {
+                eprintln!(
+                    "[{label}] {done}/{total} jobs, {:.1} jobs/s",
+                    done as f64 / started.elapsed().as_secs_f64()
+                );
             }
-        }
-        if done % step == 0 || done == total {
-            eprintln!(
-                "[{label}] {done}/{total} jobs, {:.1} jobs/s",
-                done as f64 / started.elapsed().as_secs_f64()
-            );
         }
     }
     let wall = started.elapsed().as_secs_f64();
@@ -481,6 +490,179 @@ async fn model_only(
     } else {
         0.0
     })
+}
+
+/// The load through RabbitMQ and S3: uploads the inputs, starts an in-process worker on the
+/// configured queue, publishes the jobs, and waits for their events. Returns per-job latency
+/// (publish → event), per-stage sums read back from the stored diagnostics, and failures.
+async fn through_broker(
+    label: &str,
+    settings: &Settings,
+    agents: Arc<Agents>,
+    options: &BenchOptions,
+    inputs: &[std::path::PathBuf],
+) -> anyhow::Result<(Vec<f64>, BTreeMap<String, f64>, usize)> {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    let bucket = settings
+        .s3
+        .allowed_buckets
+        .first()
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--through-broker needs s3.allowed_buckets (the first one gets the inputs)"
+            )
+        })?;
+    anyhow::ensure!(
+        !settings.s3.output.is_empty(),
+        "--through-broker needs s3.output (where the results go)"
+    );
+    let storage = crate::worker::s3_storage(settings).await?;
+    let run = format!("bench-{}-{label}", std::process::id());
+    let mut uris = Vec::new();
+    for (i, path) in inputs.iter().enumerate() {
+        let uri = Location::S3 {
+            bucket: bucket.clone(),
+            key: format!("{run}/input-{i}.png"),
+        };
+        let body = bytes::Bytes::from(std::fs::read(path)?);
+        storage
+            .put(&uri, body, "image/png")
+            .await
+            .map_err(|e| anyhow::anyhow!("uploading bench inputs: {e}"))?;
+        uris.push(uri.to_string());
+    }
+    let conn = crate::broker::connect(&settings.broker.url, "retoucher-bench").await?;
+    crate::broker::verify(&conn, &settings.broker.queue).await?;
+    let channel = conn.create_channel().await?;
+    let events = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            events.name().clone(),
+            crate::broker::EVENTS_EXCHANGE.into(),
+            "job.*".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            events.name().clone(),
+            "bench".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+
+    let mut worker_settings = settings.clone();
+    worker_settings.worker.max_inflight = options.concurrency.max(1);
+    worker_settings.broker.prefetch = options.concurrency.clamp(1, u16::MAX as usize) as u16;
+    let executor = Executor {
+        agents,
+        storage: storage.clone(),
+        limits: settings.limits.clone(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let readiness = Arc::new(crate::metrics::Readiness::default());
+    let worker = tokio::spawn(crate::worker::consume(
+        worker_settings,
+        executor,
+        readiness,
+        stop_rx,
+    ));
+
+    let publisher = crate::broker::Publisher::new(&conn).await?;
+    let mut published = std::collections::HashMap::new();
+    for i in 0..options.jobs {
+        let job_id = format!("{run}-{i}");
+        let body = serde_json::json!({
+            "job_id": job_id,
+            "image": uris[i % uris.len()],
+            "prompt": "a photo, detailed, natural light",
+        });
+        publisher
+            .publish_job(&settings.broker.queue, body.to_string().as_bytes())
+            .await?;
+        published.insert(job_id, Instant::now());
+    }
+    let mut latencies = Vec::new();
+    let mut stages: BTreeMap<String, f64> = BTreeMap::new();
+    let mut failed = 0;
+    let step = (options.jobs / 10).max(1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while !published.is_empty() {
+        let delivery = tokio::time::timeout_at(deadline, consumer.next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("{} jobs did not finish within 10 minutes", published.len())
+            })?
+            .ok_or_else(|| anyhow::anyhow!("the event stream ended"))??;
+        let event: serde_json::Value = serde_json::from_slice(&delivery.data)?;
+        if event["status"] == "retrying" {
+            continue;
+        }
+        let Some(sent) = event["job_id"].as_str().and_then(|id| published.remove(id)) else {
+            continue;
+        };
+        match event["status"].as_str() {
+            Some("retouched") | Some("clean") => {
+                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                let job_id = event["job_id"].as_str().unwrap_or_default();
+                let output = Location::parse_s3_prefix(&settings.s3.output)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .join(&format!(
+                        "{job_id}/{}",
+                        crate::diagnostics::layout::DIAGNOSTICS
+                    ));
+                if let Ok(bytes) = storage.get(&output, 64 << 20).await {
+                    if let Ok(d) = serde_json::from_slice::<crate::diagnostics::Diagnostics>(&bytes)
+                    {
+                        let t = &d.timings_ms;
+                        for (name, ms) in [
+                            ("fetch", t.fetch),
+                            ("decode", t.decode),
+                            ("perception", t.perception),
+                            ("reasoning", t.reasoning),
+                            ("action", t.action),
+                            ("encode", t.encode),
+                            ("store", t.store),
+                        ] {
+                            *stages.entry(name.to_string()).or_default() += ms;
+                        }
+                    }
+                }
+            }
+            _ => {
+                failed += 1;
+                if failed <= 3 {
+                    eprintln!("[{label}] job failed: {}", event["error"]);
+                }
+            }
+        }
+        let done = options.jobs - published.len();
+        if done % step == 0 {
+            eprintln!("[{label}] {done}/{} jobs through the broker", options.jobs);
+        }
+    }
+    let _ = stop_tx.send(true);
+    worker.await??;
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok((latencies, stages, failed))
 }
 
 /// The report as a table for people.

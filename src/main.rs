@@ -110,6 +110,10 @@ enum Command {
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Go through the real broker and S3 (broker.*, s3.*: inputs go to the first allowed
+        /// bucket, results to s3.output) with an in-process worker, instead of local files.
+        #[arg(long)]
+        through_broker: bool,
         /// Model bundle folder (models.bundle).
         #[arg(long)]
         bundle: Option<PathBuf>,
@@ -280,6 +284,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             blemished,
             model_only_batches,
             json,
+            through_broker,
             ..
         } => {
             anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
@@ -294,6 +299,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 blemished: blemished.clamp(0.0, 1.0),
                 seed: 42,
                 model_only_batches,
+                through_broker,
             };
             let report = bench::bench(&settings, &options).await?;
             if json {

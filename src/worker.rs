@@ -208,8 +208,9 @@ async fn shutdown_signal() {
     }
 }
 
-/// Connects (and reconnects) to the broker and consumes until asked to stop.
-async fn consume(
+/// Connects (and reconnects) to the broker and consumes until asked to stop. Used by `run`
+/// above and by `bench --through-broker`, which drives a worker in-process.
+pub async fn consume(
     settings: Settings,
     executor: Executor,
     readiness: Arc<Readiness>,

@@ -1,0 +1,62 @@
+//! `retoucher bench`, both ways: on local files (the default) and `--through-broker` against
+//! the real RabbitMQ and S3, where an in-process worker consumes the published jobs.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn bench(args: &[&str], env: &[(String, String)]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_retoucher"))
+        .arg("bench")
+        .args(["--jobs", "8", "--concurrency", "4", "--image-size", "128"])
+        .args(["--model-only-batches", "2", "--json"])
+        .args(args)
+        .envs(env.iter().cloned())
+        .output()
+        .expect("run retoucher bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bench --json: {e}\n{stderr}"))
+}
+
+fn check_run(run: &serde_json::Value) {
+    assert_eq!(run["jobs"], 8);
+    assert_eq!(run["failed"], 0, "{run}");
+    assert!(run["jobs_per_s"].as_f64().unwrap() > 0.0);
+    assert!(run["latency"]["p99_ms"].as_f64().unwrap() >= run["latency"]["p50_ms"].as_f64().unwrap());
+    let perception = &run["models"]["perception"];
+    assert!(perception["items"].as_u64().unwrap() >= 8, "{perception}");
+    assert!(perception["model_only_items_per_s"].as_f64().unwrap() > 0.0);
+    assert!(run["model_only_jobs_per_s"].as_f64().unwrap() > 0.0);
+    assert!(run["stages_ms"]["decode"].as_f64().unwrap() > 0.0, "{run}");
+}
+
+#[test]
+fn bench_on_local_files_compares_with_batch_size_1() {
+    env_var("ORT_DYLIB_PATH");
+    let report = bench(&["--compare-batch-1"], &[]);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    check_run(&runs[0]);
+    check_run(&runs[1]);
+    assert_eq!(runs[1]["models"]["perception"]["mean_batch_size"], 1.0);
+    assert!(report["dynamic_over_batch_1"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_through_the_broker_and_s3() {
+    let world = World::new().await;
+    let env = world.worker_env(free_port());
+    let report = tokio::task::spawn_blocking(move || bench(&["--through-broker"], &env))
+        .await
+        .unwrap();
+    check_run(&report["runs"][0]);
+    // Every job went through S3: eight complete result sets.
+    let keys = world.keys(&world.output, "results/").await;
+    let diagnostics = keys.iter().filter(|k| k.ends_with("/diagnostics.json")).count();
+    assert_eq!(diagnostics, 8, "{keys:?}");
+    assert_eq!(world.ready(&world.queue).await, 0);
+    world.cleanup().await;
+}
