@@ -241,25 +241,19 @@ pub async fn consume(
         .await?;
         // A topology mismatch is fatal: the operator has to run `retoucher migrate`.
         broker::verify(&conn, &queue).await?;
-        let publisher = Publisher::new(&conn).await?;
-        let channel = conn
-            .create_channel()
-            .await
-            .context("opening the consumer channel")?;
-        channel
-            .basic_qos(settings.broker.prefetch, BasicQosOptions::default())
-            .await
-            .context("setting the prefetch")?;
-        let tag = format!("{name}-{}", std::process::id());
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("consuming from {queue}"))?;
+        let (publisher, channel, tag, mut consumer) =
+            match open_consumer(&conn, &queue, &name, settings.broker.prefetch).await {
+                Ok(opened) => opened,
+                // Right after a broker restart a quorum queue can be briefly unavailable:
+                // keep trying rather than exit (at start, a failure is reported at once).
+                Err(e) if !first => {
+                    warn!(error = %format!("{e:#}"), "cannot consume yet: reconnecting");
+                    let _ = conn.close(0, "retrying".into()).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue 'connection;
+                }
+                Err(e) => return Err(e),
+            };
         readiness.broker.store(true, Ordering::Relaxed);
         metrics().broker_connected.set(1);
         info!(queue = %queue, prefetch = settings.broker.prefetch, reconnect = !first, "consuming");
@@ -686,6 +680,35 @@ async fn requeue(delivery: &Delivery) {
     if let Err(e) = delivery.acker.nack(options).await {
         warn!(error = %e, "nack failed: the job will be redelivered");
     }
+}
+
+/// Opens the confirmed publisher and the consumer channel (QoS prefetch) on a connection.
+async fn open_consumer(
+    conn: &lapin::Connection,
+    queue: &str,
+    name: &str,
+    prefetch: u16,
+) -> anyhow::Result<(Publisher, lapin::Channel, String, lapin::Consumer)> {
+    let publisher = Publisher::new(conn).await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .context("opening the consumer channel")?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .context("setting the prefetch")?;
+    let tag = format!("{name}-{}", std::process::id());
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("consuming from {queue}"))?;
+    Ok((publisher, channel, tag, consumer))
 }
 
 /// Nacks (with requeue) the deliveries already buffered for a cancelled consumer.

@@ -25,7 +25,9 @@ fn check_run(run: &serde_json::Value) {
     assert_eq!(run["jobs"], 8);
     assert_eq!(run["failed"], 0, "{run}");
     assert!(run["jobs_per_s"].as_f64().unwrap() > 0.0);
-    assert!(run["latency"]["p99_ms"].as_f64().unwrap() >= run["latency"]["p50_ms"].as_f64().unwrap());
+    assert!(
+        run["latency"]["p99_ms"].as_f64().unwrap() >= run["latency"]["p50_ms"].as_f64().unwrap()
+    );
     let perception = &run["models"]["perception"];
     assert!(perception["items"].as_u64().unwrap() >= 8, "{perception}");
     assert!(perception["model_only_items_per_s"].as_f64().unwrap() > 0.0);
@@ -55,7 +57,10 @@ async fn bench_through_the_broker_and_s3() {
     check_run(&report["runs"][0]);
     // Every job went through S3: eight complete result sets.
     let keys = world.keys(&world.output, "results/").await;
-    let diagnostics = keys.iter().filter(|k| k.ends_with("/diagnostics.json")).count();
+    let diagnostics = keys
+        .iter()
+        .filter(|k| k.ends_with("/diagnostics.json"))
+        .count();
     assert_eq!(diagnostics, 8, "{keys:?}");
     assert_eq!(world.ready(&world.queue).await, 0);
     world.cleanup().await;
