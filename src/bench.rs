@@ -323,15 +323,7 @@ async fn run_load(
                 Ok(report) => {
                     latencies.push(elapsed.as_secs_f64() * 1000.0);
                     let t = &report.diagnostics.timings_ms;
-                    for (name, ms) in [
-                        ("fetch", t.fetch),
-                        ("decode", t.decode),
-                        ("perception", t.perception),
-                        ("reasoning", t.reasoning),
-                        ("action", t.action),
-                        ("encode", t.encode),
-                        ("store", t.store),
-                    ] {
+                    for (name, ms) in t.stages() {
                         *stages.entry(name.to_string()).or_default() += ms;
                     }
                 }
@@ -633,15 +625,7 @@ async fn through_broker(
                     if let Ok(d) = serde_json::from_slice::<crate::diagnostics::Diagnostics>(&bytes)
                     {
                         let t = &d.timings_ms;
-                        for (name, ms) in [
-                            ("fetch", t.fetch),
-                            ("decode", t.decode),
-                            ("perception", t.perception),
-                            ("reasoning", t.reasoning),
-                            ("action", t.action),
-                            ("encode", t.encode),
-                            ("store", t.store),
-                        ] {
+                        for (name, ms) in t.stages() {
                             *stages.entry(name.to_string()).or_default() += ms;
                         }
                     }

@@ -95,6 +95,21 @@ pub struct JobTimings {
     pub total: f64,
 }
 
+impl JobTimings {
+    /// The per-stage times (everything but `queue` and `total`), named as in the metrics.
+    pub fn stages(&self) -> [(&'static str, f64); 7] {
+        [
+            ("fetch", self.fetch),
+            ("decode", self.decode),
+            ("perception", self.perception),
+            ("reasoning", self.reasoning),
+            ("action", self.action),
+            ("encode", self.encode),
+            ("store", self.store),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfoOut {
     pub name: String,
