@@ -55,34 +55,9 @@ fi
 command -v cargo >/dev/null || die "cargo not found (install Rust: https://rustup.rs)"
 command -v python3 >/dev/null || die "python3 not found (scripts/s3-server.sh needs it)"
 
-echo "==> installing ONNX Runtime 1.31.1"
-scripts/setup-ort.sh
-
-s3_was_running=false
-if scripts/s3-server.sh status >/dev/null 2>&1; then
-    s3_was_running=true
-fi
-# shellcheck disable=SC2317  # invoked by the EXIT trap
-cleanup() {
-    if [[ "$s3_was_running" == false ]]; then
-        echo "==> stopping the S3 server"
-        scripts/s3-server.sh stop || true
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-echo "==> starting the S3 server (SeaweedFS)"
-scripts/s3-server.sh start
-
-echo "==> RabbitMQ on 127.0.0.1:5672"
-scripts/rabbitmq.sh ensure
-
-export ORT_DYLIB_PATH="$ROOT/.tools/ort/libonnxruntime.so.1.31.1"
-# shellcheck source=/dev/null
-source "$ROOT/.tools/s3/credentials.env"
-export RETOUCHER_TEST_AMQP_URL="${RETOUCHER_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+# shellcheck source=scripts/test-services.sh
+source scripts/test-services.sh
+start_test_services
 
 echo "==> building target/debug/retoucher and the load test"
 cargo build --bin retoucher

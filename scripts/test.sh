@@ -47,41 +47,12 @@ done
 
 command -v cargo >/dev/null || { echo "test.sh: cargo not found (install Rust: https://rustup.rs)" >&2; exit 1; }
 
-echo "==> installing ONNX Runtime 1.31.1"
-scripts/setup-ort.sh
-
 echo "==> installing the ops validation tools (promtool, kubernetes-validate, hadolint, kubectl, CRD schemas)"
 scripts/ops-tools.sh
 
-s3_was_running=false
-if scripts/s3-server.sh status >/dev/null 2>&1; then
-    s3_was_running=true
-fi
-# shellcheck disable=SC2317  # invoked by the EXIT trap
-cleanup() {
-    if [[ "$s3_was_running" == false ]]; then
-        echo "==> stopping the S3 server"
-        scripts/s3-server.sh stop || true
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-echo "==> starting the S3 server (SeaweedFS)"
-if [[ "$s3_was_running" == false ]]; then
-    S3_FRESH=1 scripts/s3-server.sh start
-else
-    scripts/s3-server.sh start
-fi
-
-echo "==> RabbitMQ on 127.0.0.1:5672"
-scripts/rabbitmq.sh ensure
-
-export ORT_DYLIB_PATH="$ROOT/.tools/ort/libonnxruntime.so.1.31.1"
-# shellcheck source=/dev/null
-source "$ROOT/.tools/s3/credentials.env"
-export RETOUCHER_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
+# shellcheck source=scripts/test-services.sh
+source scripts/test-services.sh
+start_test_services
 
 cmd=(cargo test "${targets[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${test_args[@]}")
 echo "==> ${cmd[*]}"

@@ -1,0 +1,43 @@
+# Sourced (not run) by scripts/test.sh and scripts/load-test.sh, from the repository root:
+# `start_test_services` installs ONNX Runtime, starts the local S3 server (a fresh store when it
+# was not running; stopped again on exit only then), makes sure RabbitMQ answers on
+# 127.0.0.1:5672, and exports what the tests read: ORT_DYLIB_PATH, the S3 credentials and
+# endpoint (never printed), RETOUCHER_TEST_AMQP_URL.
+# shellcheck shell=bash
+
+s3_was_running=false
+
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+stop_test_services() {
+    if [[ "$s3_was_running" == false ]]; then
+        echo "==> stopping the S3 server"
+        scripts/s3-server.sh stop || true
+    fi
+}
+
+start_test_services() {
+    echo "==> installing ONNX Runtime 1.31.1"
+    scripts/setup-ort.sh
+
+    if scripts/s3-server.sh status >/dev/null 2>&1; then
+        s3_was_running=true
+    fi
+    trap stop_test_services EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+
+    echo "==> starting the S3 server (SeaweedFS)"
+    if [[ "$s3_was_running" == false ]]; then
+        S3_FRESH=1 scripts/s3-server.sh start
+    else
+        scripts/s3-server.sh start
+    fi
+
+    echo "==> RabbitMQ on 127.0.0.1:5672"
+    scripts/rabbitmq.sh ensure
+
+    export ORT_DYLIB_PATH="$PWD/.tools/ort/libonnxruntime.so.1.31.1"
+    # shellcheck source=/dev/null
+    source "$PWD/.tools/s3/credentials.env"
+    export RETOUCHER_TEST_AMQP_URL="${RETOUCHER_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+}
