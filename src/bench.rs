@@ -24,7 +24,6 @@ use crate::execute::{Executor, JobSpec};
 use crate::job::JobOptions;
 use crate::metrics::BatchMetrics;
 use crate::storage::{Location, Storage};
-use crate::worker::engine_options;
 
 /// Models whose batching `--max-batch-size` overrides.
 pub const MODELS: &[&str] = &["perception", "classifier", "inpaint"];
@@ -268,7 +267,7 @@ async fn run_load(
     work: &std::path::Path,
 ) -> anyhow::Result<RunReport> {
     let recorder = Arc::new(Recorder::default());
-    let engine = engine_options(settings)?;
+    let engine = crate::engine::EngineOptions::from_settings(&settings.models)?;
     let agents = Arc::new(Agents::load(
         bundle.clone(),
         &engine,

@@ -83,10 +83,12 @@ impl Executor {
     /// The stored diagnostics of a job whose result set is complete, if there is one.
     pub async fn completed(&self, job: &JobSpec) -> Result<Option<Diagnostics>, JobError> {
         let marker = job.results.join(layout::DIAGNOSTICS);
-        if !self.storage.exists(&marker).await? {
-            return Ok(None);
-        }
-        let bytes = self.storage.get(&marker, 64 << 20).await?;
+        // One GET: absent (the usual case) is "not found", present is read right away.
+        let bytes = match self.storage.get(&marker, 64 << 20).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.class == ErrorClass::ImageNotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
         // A marker that does not parse is not trusted: the job is recomputed and overwrites it.
         Ok(serde_json::from_slice(&bytes).ok())
     }

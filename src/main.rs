@@ -252,7 +252,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("loading the model bundle")?;
             let executor = Executor {
                 agents,
-                storage: run::local_storage(),
+                storage: retoucher::storage::Storage::local(),
                 limits: settings.limits.clone(),
             };
             let summary = run::run(

@@ -14,7 +14,7 @@ use crate::diagnostics::layout;
 use crate::error::JobError;
 use crate::execute::{Executor, JobReport, JobSpec};
 use crate::job::{validate_job_id, JobMessage, JobOptions};
-use crate::storage::{Location, Storage};
+use crate::storage::Location;
 
 /// What `run` was asked to do.
 #[derive(Debug, Clone)]
@@ -375,11 +375,6 @@ fn contact_sheet(lines: &[JobLine], rejected: &[(String, String)]) -> String {
     }
     html.push_str("</body></html>\n");
     html
-}
-
-/// Local storage for `run`.
-pub fn local_storage() -> Storage {
-    Storage::local()
 }
 
 #[cfg(test)]

@@ -61,20 +61,10 @@ enum Outcome {
     Failed(JobError),
 }
 
-/// The engine options of the settings.
-pub fn engine_options(settings: &Settings) -> anyhow::Result<crate::engine::EngineOptions> {
-    Ok(crate::engine::EngineOptions {
-        device: crate::engine::Device::parse(&settings.models.device)?,
-        fallback_to_cpu: settings.models.fallback_to_cpu,
-        intra_threads: settings.models.intra_threads,
-        ort_library: settings.models.ort_library.clone(),
-    })
-}
-
 /// Loads the bundle, starts the agents' batchers and warms every model up.
 pub async fn load_agents(settings: &Settings) -> anyhow::Result<Arc<Agents>> {
     let bundle = Bundle::load(&settings.models.bundle)?;
-    let engine = engine_options(settings)?;
+    let engine = crate::engine::EngineOptions::from_settings(&settings.models)?;
     let agents = Agents::load(bundle, &engine, &settings.batching, Arc::new(BatchMetrics))?;
     agents.warm_up().await?;
     Ok(Arc::new(agents))
