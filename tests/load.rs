@@ -36,8 +36,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{json, Value};
 
@@ -165,41 +163,7 @@ async fn watch_events(tag: String) -> Arc<Mutex<Vec<Seen>>> {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("RabbitMQ for the event consumer");
-    let channel = conn.create_channel().await.expect("channel");
-    let q = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare the event queue");
-    channel
-        .queue_bind(
-            q.name().clone(),
-            "retoucher.events".into(),
-            "job.*".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind the event queue");
-    let mut consumer = channel
-        .basic_consume(
-            q.name().clone(),
-            "load-events".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume events");
+    let (channel, mut consumer) = event_consumer(&conn, "load-events").await;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
     tokio::spawn(async move {

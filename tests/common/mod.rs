@@ -249,41 +249,7 @@ impl World {
 
     /// A temporary queue bound to `retoucher.events` (`job.*`) to watch this test's events.
     pub async fn events(&self) -> Events {
-        let channel = self.conn.create_channel().await.expect("channel");
-        let q = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare event queue");
-        channel
-            .queue_bind(
-                q.name().clone(),
-                "retoucher.events".into(),
-                "job.*".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind event queue");
-        let consumer = channel
-            .basic_consume(
-                q.name().clone(),
-                "events".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume events");
+        let (channel, consumer) = event_consumer(&self.conn, "events").await;
         Events {
             _channel: channel,
             consumer,
@@ -369,6 +335,47 @@ impl World {
                 .await;
         }
     }
+}
+
+/// A consumer of everything published to `retoucher.events` (`job.*`), on a new exclusive
+/// queue of `conn`; keep the channel alive as long as the consumer.
+pub async fn event_consumer(conn: &Connection, tag: &str) -> (lapin::Channel, lapin::Consumer) {
+    let channel = conn.create_channel().await.expect("channel");
+    let q = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare event queue");
+    channel
+        .queue_bind(
+            q.name().clone(),
+            "retoucher.events".into(),
+            "job.*".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind event queue");
+    let consumer = channel
+        .basic_consume(
+            q.name().clone(),
+            tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume events");
+    (channel, consumer)
 }
 
 pub struct Events {
