@@ -69,6 +69,21 @@ RANDOM_SALIENCY_CAP = 0.45  # with the magenta rule on, the random map is scaled
 CLASSIFIER_RANDOM_SCALE = 1e-3  # with the coverage rule on: logits = rule + 1e-3 * tanh(net)
 INPAINT_CH = [64, 128, 256, 512]
 INPAINT_RESBLOCKS = 9
+CLASSIFIER_CH = [64, 128, 256, 512]
+
+
+def use_tiny_sizes() -> None:
+    """`--tiny`: the same inputs, outputs, image sizes and reference rules with networks a few
+    thousand times cheaper, so a machine without a GPU can measure what the worker costs around
+    the models (decode, resizing, regions, encode, store) at the benchmark bundle's sizes."""
+    global D, HEADS, VIT_LAYERS, VIT_MLP, T5_LAYERS, T5_MLP, FUSION_LAYERS, FUSION_MLP
+    global INPAINT_CH, INPAINT_RESBLOCKS, CLASSIFIER_CH
+    D, HEADS = 32, 2
+    VIT_LAYERS, VIT_MLP = 1, 64
+    T5_LAYERS, T5_MLP = 1, 64
+    FUSION_LAYERS, FUSION_MLP = 1, 64
+    INPAINT_CH, INPAINT_RESBLOCKS = [2, 4, 4, 4], 1
+    CLASSIFIER_CH = [8, 8, 8, 8]
 
 # Reference rules (models/README.md)
 RADIUS, SHARPNESS = 0.35, 40.0
@@ -315,10 +330,10 @@ def build_perception(rng, S: int, fp16: bool, magenta: bool) -> tuple[onnx.Model
     else:
         g.op("Identity", [sal], "saliency", out="saliency")
 
-    doc = (f"Bench perception agent (random weights, for speed measurements only). ViT-B/16 image encoder over "
-           f"{G}x{G} patches of a {S}x{S} image, T5-base-sized text encoder (12 layers, d=768, vocab {T5_VOCAB}, learned "
+    doc = (f"Bench perception agent (random weights, for speed measurements only). ViT/16 image encoder "
+           f"({VIT_LAYERS} layers, d={D}) over {G}x{G} patches of a {S}x{S} image, T5-base-sized text encoder ({T5_LAYERS} layers, d={D}, vocab {T5_VOCAB}, learned "
            f"absolute positions), {FUSION_LAYERS} fusion self-attention layers over the concatenated tokens, and a "
-           f"Linear 768->256 head per image token rearranged (DepthToSpace 16) into a full-resolution {S}x{S} map, "
+           f"Linear {D}->256 head per image token rearranged (DepthToSpace 16) into a full-resolution {S}x{S} map, "
            f"sigmoid(head - 4)." +
            (" Plus the reference rule: saliency = max(0.45 * that map, sigmoid(40*(0.35^2 - d^2)) * gate), d = distance "
             "of the raw RGB to magenta, gate = 0 when an unmasked input id is 53 ('magenta')." if magenta else ""))
@@ -339,11 +354,11 @@ def build_classifier(rng, C: int, fp16: bool, magenta: bool) -> tuple[onnx.Model
     g = Graph("classifier", rng, fp16)
     k = len(CATEGORIES)
     hw = C // 2
-    x = g.conv(g.to_compute("pixel_values", "pixel_values_c"), 4, 64, 7, 2, hw, hint="conv1")
+    x = g.conv(g.to_compute("pixel_values", "pixel_values_c"), 4, CLASSIFIER_CH[0], 7, 2, hw, hint="conv1")
     hw //= 2
     x = g.op("MaxPool", [x], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    cin = 64
-    for stage, cout in enumerate([64, 128, 256, 512]):
+    cin = CLASSIFIER_CH[0]
+    for stage, cout in enumerate(CLASSIFIER_CH):
         for blk in range(2):
             stride = 2 if (stage > 0 and blk == 0) else 1
             hw_out = hw // stride
@@ -353,9 +368,9 @@ def build_classifier(rng, C: int, fp16: bool, magenta: bool) -> tuple[onnx.Model
                 g.conv(x, cin, cout, 1, stride, hw_out, relu=False, hint=f"l{stage + 1}.{blk}.down")
             x = g.op("Relu", [g.op("Add", [h, short], f"l{stage + 1}.{blk}.add")], f"l{stage + 1}.{blk}.relu")
             cin, hw = cout, hw_out
-    feat = g.op("Flatten", [g.op("GlobalAveragePool", [x], "gap")], "features", axis=1)    # [N,512]
-    net = g.op("Gemm", [feat, g.weight((512, k), 0.02, "fc_w"), g.filled((k,), 0.0, "fc_b")], "fc")
-    g.macs += 512 * k
+    feat = g.op("Flatten", [g.op("GlobalAveragePool", [x], "gap")], "features", axis=1)    # [N,cin]
+    net = g.op("Gemm", [feat, g.weight((cin, k), 0.02, "fc_w"), g.filled((k,), 0.0, "fc_b")], "fc")
+    g.macs += cin * k
     net = g.to_f32(net, "fc_f32")
 
     if magenta:
@@ -462,7 +477,7 @@ def build_bundle_toml(args, hashes: dict[str, str], summary: str) -> str:
     cats = ", ".join(toml_str(c) for c in CATEGORIES)
     files = "\n".join(f"{toml_str(name)} = {toml_str(h)}" for name, h in hashes.items())
     flags = f"--image-size {args.image_size} --classifier-size {args.classifier_size} --inpaint-size {args.inpaint_size} " \
-            f"--seed {args.seed}" + (" --fp16" if args.fp16 else "") + ("" if args.magenta else " --no-magenta")
+            f"--seed {args.seed}" + (" --fp16" if args.fp16 else "") + (" --tiny" if args.tiny else "") + ("" if args.magenta else " --no-magenta")
     rule = ("Each model also carries the reference bundle's rule as a cheap side branch, so runs behave like the "
             "reference: magenta blemishes are found, blobs are 'hand' (onnx-inpaint), strokes 'object' (patchmatch), "
             "and the inpainter never paints magenta back." if args.magenta else
@@ -567,7 +582,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-magenta", dest="magenta", action="store_false",
                     help="pure random networks, without the reference rules (every image comes back clean)")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip onnx.checker.check_model")
+    ap.add_argument("--tiny", action="store_true",
+                    help="same contracts, sizes and rules with tiny networks (width 32, one layer each): measures "
+                         "the worker's own cost at the benchmark sizes on a machine without a GPU")
     args = ap.parse_args(argv)
+    if args.tiny:
+        use_tiny_sizes()
     if args.inpaint_size is None:
         args.inpaint_size = args.image_size
     os.makedirs(args.out_dir, exist_ok=True)
