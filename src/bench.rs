@@ -18,8 +18,10 @@ use serde::Serialize;
 use crate::agents::Agents;
 use crate::bundle::Bundle;
 use crate::config::{BatchingOverride, Settings};
+use crate::cputime::{CpuDelta, CpuSample};
 use crate::engine::batcher::{BatchObserver, BatchRecord, Batcher};
 use crate::engine::{OnnxModel, TensorData};
+use crate::error::{ErrorClass, JobError};
 use crate::execute::{Executor, JobSpec};
 use crate::job::JobOptions;
 use crate::metrics::BatchMetrics;
@@ -90,6 +92,53 @@ pub struct RunReport {
     /// Jobs/s if the models were the only cost: 1 / Σ(items per job ÷ model-only items/s).
     pub model_only_jobs_per_s: f64,
     pub end_to_end_over_model_only: f64,
+    /// Where the cores went during the load (Linux only).
+    pub cpu: Option<CpuReport>,
+}
+
+/// CPU time of one load run, split between the model threads and everything else.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuReport {
+    /// CPU seconds of the whole process during the load.
+    pub process_s: f64,
+    /// Of which in the model threads (the batchers' session calls and ONNX Runtime's pools).
+    pub model_threads_s: f64,
+    /// Share of all cores busy: process_s ÷ (wall × cpus).
+    pub utilisation: f64,
+    /// CPU milliseconds outside the model threads per completed job: the worker's own work
+    /// (decode, resizing, regions, patchmatch, encode, storage, broker).
+    pub host_ms_per_job: f64,
+    /// cpus ÷ host seconds per job: the jobs/s the host side could sustain on every core.
+    pub host_ceiling_jobs_per_s: f64,
+    /// CPU seconds by thread group (each model's threads, `runtime` = tokio's workers and
+    /// blocking pool, `other`); threads that exited during the run are not in it.
+    pub threads_s: BTreeMap<String, f64>,
+}
+
+impl CpuReport {
+    fn of(delta: CpuDelta, wall_s: f64, cpus: usize, jobs: usize) -> Self {
+        let (process_s, model_threads_s) = (delta.process_s, delta.model_s);
+        let host_s = (process_s - model_threads_s).max(0.0);
+        let host_s_per_job = host_s / jobs.max(1) as f64;
+        CpuReport {
+            process_s,
+            model_threads_s,
+            utilisation: process_s / (wall_s * cpus.max(1) as f64).max(f64::MIN_POSITIVE),
+            host_ms_per_job: host_s_per_job * 1000.0,
+            host_ceiling_jobs_per_s: if host_s_per_job > 0.0 {
+                cpus as f64 / host_s_per_job
+            } else {
+                0.0
+            },
+            threads_s: delta.groups,
+        }
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -221,9 +270,7 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
         bundle: format!("{} {}", bundle.manifest.name, bundle.manifest.version),
         device: settings.models.device.clone(),
         image_size: options.image_size,
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        cpus: cpus(),
         runs,
         dynamic_over_batch_1,
     })
@@ -282,6 +329,7 @@ async fn run_load(
         "[{label}] {total} jobs at concurrency {}",
         options.concurrency
     );
+    let cpu_before = CpuSample::now();
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(total);
     let mut stages: BTreeMap<String, f64> = BTreeMap::new();
@@ -307,10 +355,18 @@ async fn run_load(
                 attempt: 1,
                 queue_ms: 0.0,
             };
-            async move {
+            // Each job is its own task, as in the worker: polled inside one task, every job's
+            // pre- and post-processing would share a single thread.
+            let task = tokio::spawn(async move {
                 let t = Instant::now();
                 let result = executor.execute(&job).await;
                 (t.elapsed(), result)
+            });
+            async move {
+                task.await.unwrap_or_else(|e| {
+                    let error = JobError::new(ErrorClass::Internal, format!("job task: {e}"));
+                    (Duration::ZERO, Err(error))
+                })
             }
         }))
         .buffer_unordered(options.concurrency.max(1));
@@ -342,6 +398,15 @@ async fn run_load(
         }
     }
     let wall = started.elapsed().as_secs_f64();
+    let cpu = match (cpu_before, CpuSample::now()) {
+        (Some(before), Some(after)) => Some(CpuReport::of(
+            after.since(&before),
+            wall,
+            cpus(),
+            latencies.len(),
+        )),
+        _ => None,
+    };
     let _ = std::fs::remove_dir_all(&out);
     let mut models = recorder.take();
     latencies.sort_by(|a, b| a.total_cmp(b));
@@ -401,6 +466,7 @@ async fn run_load(
         } else {
             0.0
         },
+        cpu,
     })
 }
 
@@ -693,6 +759,24 @@ pub fn table(report: &BenchReport) -> String {
             "  model-only ceiling {:.1} jobs/s; end-to-end / model-only = {:.2}\n",
             run.model_only_jobs_per_s, run.end_to_end_over_model_only
         ));
+        if let Some(cpu) = &run.cpu {
+            s.push_str(&format!(
+                "  CPU {:.1} s ({:.0}% of {} cores), model threads {:.1} s; outside them {:.1} ms per job: host ceiling {:.1} jobs/s\n",
+                cpu.process_s,
+                cpu.utilisation * 100.0,
+                report.cpus,
+                cpu.model_threads_s,
+                cpu.host_ms_per_job,
+                cpu.host_ceiling_jobs_per_s
+            ));
+            let threads: Vec<String> = cpu
+                .threads_s
+                .iter()
+                .filter(|(_, s)| **s >= 0.05)
+                .map(|(k, v)| format!("{k} {v:.1}"))
+                .collect();
+            s.push_str(&format!("  CPU s by thread: {}\n", threads.join(", ")));
+        }
     }
     if let Some(ratio) = report.dynamic_over_batch_1 {
         s.push_str(&format!("\ndynamic batching / batch size 1 = {ratio:.2}\n"));

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod broker;
 pub mod bundle;
 pub mod config;
+pub mod cputime;
 pub mod diagnostics;
 pub mod engine;
 pub mod enqueue;

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 
 use crate::config::Settings;
 use crate::diagnostics::layout;
-use crate::error::JobError;
+use crate::error::{ErrorClass, JobError};
 use crate::execute::{Executor, JobReport, JobSpec};
 use crate::job::{validate_job_id, JobMessage, JobOptions};
 use crate::storage::Location;
@@ -193,10 +193,25 @@ pub async fn run(
     let started = Instant::now();
     let mut done = 0;
     let mut lines = Vec::with_capacity(total);
+    // Each job is its own task, so jobs' pre- and post-processing run on every runtime thread
+    // (polled inside one task they would all share a single thread).
     let mut stream = futures_util::stream::iter(jobs.into_iter().map(|job| {
         let executor = executor.clone();
         let out = out.clone();
-        async move { run_one(&executor, &out, job).await }
+        let job_id = job.job_id.clone();
+        let prompt = job.prompt.clone();
+        let task = tokio::spawn(async move { run_one(&executor, &out, job).await });
+        async move {
+            task.await.unwrap_or_else(|e| JobLine {
+                job_id,
+                prompt,
+                input_name: None,
+                result: Err(JobError::new(
+                    ErrorClass::Internal,
+                    format!("job task: {e}"),
+                )),
+            })
+        }
     }))
     .buffer_unordered(options.concurrency.max(1));
     while let Some(line) = stream.next().await {

@@ -130,7 +130,18 @@ pub fn environment(
 }
 
 /// Builds a session for one model file on the configured device.
+///
+/// The session is built on a thread named `model-{file stem}`, so ONNX Runtime's pool threads
+/// carry that name (in `top -H`, and for `bench`'s CPU accounting, see [`crate::cputime`]).
 pub fn load_session(path: &Path, options: &EngineOptions) -> anyhow::Result<Session> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("session");
+    crate::cputime::on_named_thread(&format!("model-{stem}"), || build_session(path, options))
+}
+
+fn build_session(path: &Path, options: &EngineOptions) -> anyhow::Result<Session> {
     let env = environment(options)?;
     let mut builder = Session::builder(env)
         .map_err(|e| anyhow::anyhow!("{e}"))?
