@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::bundle::Bundle;
 use crate::config::BatchingOverride;
-use crate::engine::batcher::{BatchObserver, BatchSettings};
-use crate::engine::EngineOptions;
+use crate::engine::batcher::{BatchObserver, BatchSettings, Batcher};
+use crate::engine::{Device, EngineOptions, OnnxModel, TensorData};
 
 /// Identity of one model, reported in diagnostics (`models` {agent → name, version, sha256}).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -45,6 +45,45 @@ pub struct Agents {
     pub perception: perception::Perception,
     pub reasoning: reasoning::Reasoning,
     pub action: action::Action,
+    /// Warm every batch size, not only the largest (on a GPU; see [`warm_up_sizes`]).
+    warm_every_size: bool,
+}
+
+/// The batch sizes the warm-up runs for a model whose largest batch is `max`: on a GPU every
+/// size from `max` down to 1, because the first call at a new input shape pays for memory
+/// planning and kernel selection, and dynamic batching produces every size; paid at start, it
+/// stays out of the first jobs' latency. On the CPU the full batch alone.
+pub fn warm_up_sizes(max: usize, every_size: bool) -> Vec<usize> {
+    if every_size {
+        (1..=max.max(1)).rev().collect()
+    } else {
+        vec![max.max(1)]
+    }
+}
+
+/// Runs one wave of `size` copies of `request` through `batcher` per size (the copies are
+/// made before the first is submitted, so each wave forms one batch), and checks that every
+/// output has `expected_len` values.
+async fn warm_batcher(
+    batcher: &Batcher<OnnxModel>,
+    request: &[TensorData],
+    sizes: &[usize],
+    expected_len: usize,
+) -> anyhow::Result<()> {
+    for &size in sizes {
+        let calls = (0..size).map(|_| batcher.submit(request.to_vec()));
+        for output in futures_util::future::join_all(calls).await {
+            let output = output.map_err(|e| anyhow::anyhow!("{e}"))?;
+            if output.len() != expected_len {
+                anyhow::bail!(
+                    "model {} returned {} values at batch size {size}, expected {expected_len}",
+                    batcher.name(),
+                    output.len()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Batch settings for a model: built-in defaults ← bundle's `[batching.<model>]` ← config.
@@ -91,6 +130,7 @@ impl Agents {
             perception,
             reasoning,
             action,
+            warm_every_size: matches!(engine.device, Device::Cuda(_)),
         })
     }
 
@@ -105,18 +145,23 @@ impl Agents {
         models
     }
 
-    /// Runs every model once at its full batch size so the first job is not slow and a broken
-    /// bundle fails at start, not on the first job.
+    /// Runs every model at its full batch size (on a GPU at every batch size, see
+    /// [`warm_up_sizes`]) so the first jobs are not slow and a broken bundle fails at start,
+    /// not on the first job.
     pub async fn warm_up(&self) -> anyhow::Result<()> {
+        let every = self.warm_every_size;
         self.perception
-            .warm_up()
+            .warm_up(every)
             .await
             .context("warming up perception")?;
         self.reasoning
-            .warm_up()
+            .warm_up(every)
             .await
             .context("warming up reasoning")?;
-        self.action.warm_up().await.context("warming up action")?;
+        self.action
+            .warm_up(every)
+            .await
+            .context("warming up action")?;
         Ok(())
     }
 }

@@ -154,13 +154,12 @@ impl Perception {
         &self.batcher
     }
 
-    pub async fn warm_up(&self) -> anyhow::Result<()> {
+    pub async fn warm_up(&self, every_size: bool) -> anyhow::Result<()> {
         let image = RgbImage::new(self.size, self.size);
         let tokens = self.tokenize("warm up").context("tokenizing")?;
-        let calls = (0..self.max_batch_size).map(|_| self.saliency(&image, &tokens));
-        for result in futures_util::future::join_all(calls).await {
-            result.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        Ok(())
+        let request = self.request(&image, &tokens);
+        let sizes = super::warm_up_sizes(self.max_batch_size, every_size);
+        let expected = (self.out.0 * self.out.1) as usize;
+        super::warm_batcher(&self.batcher, &request, &sizes, expected).await
     }
 }

@@ -17,7 +17,7 @@ use crate::config::BatchingOverride;
 use crate::engine::batcher::{BatchObserver, Batcher};
 use crate::engine::{cpu_bound, load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
 use crate::error::{ErrorClass, JobError};
-use crate::imaging::{dilate, grow_rect, Map};
+use crate::imaging::{dilate, grow_rect, to_chw, Map};
 
 /// One distorted region, as the action agent and the diagnostics see it.
 #[derive(Debug, Clone, Serialize)]
@@ -141,17 +141,11 @@ impl Reasoning {
         let [x, y, w, h] = grow_rect(bbox, self.spec.context, image.width(), image.height());
         let c = self.spec.input_size;
         let crop = imageops::crop_imm(image, x, y, w, h).to_image();
-        let crop = imageops::resize(&crop, c, c, imageops::FilterType::Triangle);
+        let mut data = to_chw(&crop, c, self.spec.mean, self.spec.std);
         let mask_crop = imageops::crop_imm(mask, x, y, w, h).to_image();
         let mask_crop = imageops::resize(&mask_crop, c, c, imageops::FilterType::Nearest);
         let plane = (c * c) as usize;
-        let mut data = vec![0f32; 4 * plane];
-        for (i, p) in crop.pixels().enumerate() {
-            for ch in 0..3 {
-                data[ch * plane + i] =
-                    (f32::from(p[ch]) / 255.0 - self.spec.mean[ch]) / self.spec.std[ch];
-            }
-        }
+        data.resize(4 * plane, 0.0);
         for (i, p) in mask_crop.pixels().enumerate() {
             data[3 * plane + i] = if p[0] > 127 { 1.0 } else { 0.0 };
         }
@@ -169,16 +163,14 @@ impl Reasoning {
         &self.classifier
     }
 
-    pub async fn warm_up(&self) -> anyhow::Result<()> {
+    pub async fn warm_up(&self, every_size: bool) -> anyhow::Result<()> {
         let image = RgbImage::new(64, 64);
         let mut mask = GrayImage::new(64, 64);
         mask.put_pixel(10, 10, image::Luma([255]));
         let request = self.request(&image, &mask, [10, 10, 1, 1]);
-        let calls = (0..self.max_batch_size).map(|_| self.submit(request.clone()));
-        for result in futures_util::future::join_all(calls).await {
-            result.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        Ok(())
+        let sizes = super::warm_up_sizes(self.max_batch_size, every_size);
+        let categories = self.bundle.manifest.taxonomy.categories.len();
+        super::warm_batcher(&self.classifier, &request, &sizes, categories).await
     }
 }
 

@@ -5,11 +5,12 @@
 use std::io::Cursor;
 
 use image::codecs::png::PngEncoder;
-use image::imageops::FilterType;
 use image::{ExtendedColorType, GrayImage, ImageEncoder, ImageError, ImageFormat, ImageReader};
 use image::{Luma, RgbImage};
 
 use crate::error::{ErrorClass, JobError};
+
+pub mod resample;
 
 /// Mask pixels at or above this value count as inside. Masks are meant to be 0/255, but a mask
 /// that went through a resampling filter has intermediate values at its edge; splitting at the
@@ -267,31 +268,23 @@ fn encode(raw: &[u8], width: u32, height: u32, color: ExtendedColorType) -> Vec<
 /// An empty image gives the buffer of a black image.
 pub fn to_chw(img: &RgbImage, size: u32, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
     let plane = size as usize * size as usize;
-    let mut out = vec![0.0f32; plane * 3];
     let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
     let offset: [f32; 3] = std::array::from_fn(|c| -mean[c] / std[c]);
     if plane == 0 {
-        return out;
+        return Vec::new();
     }
-    if img.width() == 0 || img.height() == 0 {
-        for (c, chunk) in out.chunks_exact_mut(plane).enumerate() {
-            chunk.fill(offset[c]);
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let size = size as usize;
+    let mut out = resample::resize_planes(
+        &resample::planes_u8(img.as_raw(), 3),
+        3,
+        (w, h),
+        (size, size),
+    );
+    for (c, chunk) in out.chunks_exact_mut(plane).enumerate() {
+        for v in chunk {
+            *v = *v * scale[c] + offset[c];
         }
-        return out;
-    }
-    let resized;
-    let src = if img.width() == size && img.height() == size {
-        img
-    } else {
-        resized = image::imageops::resize(img, size, size, FilterType::Triangle);
-        &resized
-    };
-    let (r, rest) = out.split_at_mut(plane);
-    let (g, b) = rest.split_at_mut(plane);
-    for (i, px) in src.as_raw().chunks_exact(3).enumerate() {
-        r[i] = f32::from(px[0]) * scale[0] + offset[0];
-        g[i] = f32::from(px[1]) * scale[1] + offset[1];
-        b[i] = f32::from(px[2]) * scale[2] + offset[2];
     }
     out
 }
@@ -319,6 +312,15 @@ impl Map {
                 width,
                 height,
                 data: vec![0.0; n],
+            };
+        }
+        if (sw, sh) == (width as usize, height as usize) {
+            let mut data = self.data.clone();
+            data.resize(n, 0.0);
+            return Map {
+                width,
+                height,
+                data,
             };
         }
         let xs = axis_taps(sw, width as usize);
@@ -367,8 +369,7 @@ impl Map {
         GrayImage::from_fn(self.width, self.height, |x, y| {
             let i = y as usize * self.width as usize + x as usize;
             let v = self.data.get(i).copied().unwrap_or(0.0);
-            // `as u8` saturates and maps NaN to 0.
-            Luma([(v.clamp(0.0, 1.0) * 255.0).round() as u8])
+            Luma([resample::to_u8(v.clamp(0.0, 1.0) * 255.0)])
         })
     }
 }
@@ -555,7 +556,7 @@ pub fn composite(base: &mut RgbImage, patch: &RgbImage, alpha: &[f32]) {
             let a = a.min(1.0);
             for c in 0..3 {
                 let v = f32::from(b[c]) * (1.0 - a) + f32::from(p[c]) * a;
-                b[c] = v.round().clamp(0.0, 255.0) as u8;
+                b[c] = resample::to_u8(v);
             }
         }
     }

@@ -144,9 +144,9 @@ impl Action {
         }
     }
 
-    pub async fn warm_up(&self) -> anyhow::Result<()> {
+    pub async fn warm_up(&self, every_size: bool) -> anyhow::Result<()> {
         if let Some(tool) = &self.inpaint {
-            tool.warm_up().await?;
+            tool.warm_up(every_size).await?;
         }
         Ok(())
     }

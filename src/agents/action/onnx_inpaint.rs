@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use image::{imageops, GrayImage, RgbImage};
+use image::{GrayImage, RgbImage};
 
 use crate::agents::{batch_settings, ModelInfo};
 use crate::bundle::{Bundle, OnnxInpaintSpec};
@@ -13,6 +13,7 @@ use crate::config::BatchingOverride;
 use crate::engine::batcher::{BatchObserver, Batcher};
 use crate::engine::{cpu_bound, load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
 use crate::error::{ErrorClass, JobError};
+use crate::imaging::{resample, to_chw};
 
 pub struct OnnxInpaint {
     batcher: Batcher<OnnxModel>,
@@ -69,19 +70,16 @@ impl OnnxInpaint {
     /// The model input for a crop and its hole (255 = fill).
     pub fn request(&self, crop: &RgbImage, hole: &GrayImage) -> Vec<TensorData> {
         let s = self.spec.input_size;
-        let plane = (s * s) as usize;
-        let resized = imageops::resize(crop, s, s, imageops::FilterType::Triangle);
-        let mut pixels = vec![0f32; 3 * plane];
-        for (i, p) in resized.pixels().enumerate() {
-            for c in 0..3 {
-                pixels[c * plane + i] = f32::from(p[c]) / 255.0;
-            }
-        }
-        // Any hole coverage marks the model pixel as hole: shrinking must not drop thin holes.
-        let hole_small = imageops::resize(hole, s, s, imageops::FilterType::Triangle);
-        let mask = hole_small
-            .pixels()
-            .map(|p| if p[0] > 0 { 1.0 } else { 0.0 })
+        let pixels = to_chw(crop, s, [0.0; 3], [1.0; 3]);
+        // Any hole coverage marks the model pixel as hole: shrinking must not drop thin holes
+        // (every source pixel in a model pixel's filter support has a positive weight).
+        let (w, h) = (hole.width() as usize, hole.height() as usize);
+        let s = s as usize;
+        let coverage =
+            resample::resize_planes(&resample::planes_u8(hole.as_raw(), 1), 1, (w, h), (s, s));
+        let mask = coverage
+            .into_iter()
+            .map(|v| if v > 0.0 { 1.0 } else { 0.0 })
             .collect();
         vec![TensorData::F32(pixels), TensorData::F32(mask)]
     }
@@ -113,34 +111,32 @@ impl OnnxInpaint {
         Ok(cpu_bound(|| self.to_image(&output, width, height)))
     }
 
-    /// The model output (CHW, in `output_range`) as an RGB image of the crop's size.
+    /// The model output (CHW, in `output_range`) as an RGB image of the crop's size: resized
+    /// in float, then quantised once.
     fn to_image(&self, output: &[f32], width: u32, height: u32) -> RgbImage {
-        let s = self.spec.input_size;
-        let plane = (s * s) as usize;
+        let s = self.spec.input_size as usize;
         let [lo, hi] = self.spec.output_range;
         let scale = if hi > lo { 255.0 / (hi - lo) } else { 1.0 };
-        let small = RgbImage::from_fn(s, s, |x, y| {
-            let i = (y * s + x) as usize;
-            let px = |c: usize| {
-                ((output[c * plane + i] - lo) * scale)
-                    .round()
-                    .clamp(0.0, 255.0) as u8
-            };
-            image::Rgb([px(0), px(1), px(2)])
-        });
-        imageops::resize(&small, width, height, imageops::FilterType::Triangle)
+        let (w, h) = (width as usize, height as usize);
+        let planes = resample::resize_planes(output, 3, (s, s), (w, h));
+        let plane = w * h;
+        let mut raw = vec![0u8; 3 * plane];
+        for (i, px) in raw.chunks_exact_mut(3).enumerate() {
+            for (c, v) in px.iter_mut().enumerate() {
+                *v = resample::to_u8((planes[c * plane + i] - lo) * scale);
+            }
+        }
+        RgbImage::from_raw(width, height, raw).unwrap_or_else(|| RgbImage::new(width, height))
     }
 
-    pub async fn warm_up(&self) -> anyhow::Result<()> {
+    pub async fn warm_up(&self, every_size: bool) -> anyhow::Result<()> {
         let s = self.spec.input_size;
         let crop = RgbImage::new(s, s);
         let mut hole = GrayImage::new(s, s);
         hole.put_pixel(s / 2, s / 2, image::Luma([255]));
         let request = self.request(&crop, &hole);
-        let calls = (0..self.max_batch_size).map(|_| self.fill(request.clone(), s, s));
-        for result in futures_util::future::join_all(calls).await {
-            result.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        Ok(())
+        let sizes = crate::agents::warm_up_sizes(self.max_batch_size, every_size);
+        let plane = (s * s) as usize;
+        crate::agents::warm_batcher(&self.batcher, &request, &sizes, 3 * plane).await
     }
 }
