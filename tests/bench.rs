@@ -40,7 +40,10 @@ fn check_run(run: &serde_json::Value) {
     let model = cpu["model_threads_s"].as_f64().unwrap();
     assert!(process > 0.0 && model <= process, "{cpu}");
     assert!(cpu["host_ms_per_job"].as_f64().unwrap() > 0.0, "{cpu}");
-    assert!(cpu["host_ceiling_jobs_per_s"].as_f64().unwrap() > 0.0, "{cpu}");
+    assert!(
+        cpu["host_ceiling_jobs_per_s"].as_f64().unwrap() > 0.0,
+        "{cpu}"
+    );
     assert!(cpu["threads_s"]["runtime"].as_f64().unwrap() > 0.0, "{cpu}");
 }
 

@@ -313,6 +313,18 @@ fn execute<M: BatchModel>(
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(inputs)))
             .unwrap_or_else(|_| Err("the model panicked".to_string()));
         let inference = started.elapsed();
+        // Recorded before the callers hear back, so a caller that has its result also finds
+        // its batch in the metrics (tests and `bench` read them right after).
+        observer.batch(
+            &name,
+            &BatchRecord {
+                size,
+                reason,
+                queue_waits,
+                inference,
+                skipped,
+            },
+        );
         match result {
             Ok(outputs) if outputs.len() == size => {
                 for (reply, output) in replies.into_iter().zip(outputs) {
@@ -325,16 +337,6 @@ fn execute<M: BatchModel>(
             }
             Err(message) => fail_all(&name, replies, &message),
         }
-        observer.batch(
-            &name,
-            &BatchRecord {
-                size,
-                reason,
-                queue_waits,
-                inference,
-                skipped,
-            },
-        );
     }
 }
 
