@@ -101,6 +101,12 @@ for run in r["runs"]:
         print(f"   {m}: mean batch {s['mean_batch_size']:.1f}, {s['items_per_job']:.2f}/job, "
               f"inference {s['mean_inference_ms']:.1f} ms, model-only {s['model_only_items_per_s']:.0f} items/s @ b{s['model_only_batch_size']}")
     print("   stages ms:", {k: round(v, 1) for k, v in run["stages_ms"].items()})
+    cpu = run.get("cpu")
+    if cpu:
+        print(f"   CPU {cpu['process_s']:.1f} s ({100 * cpu['utilisation']:.0f}% of {r['cpus']} cores), "
+              f"model threads {cpu['model_threads_s']:.1f} s, outside them {cpu['host_ms_per_job']:.1f} ms/job "
+              f"(host ceiling {cpu['host_ceiling_jobs_per_s']:.0f} jobs/s); by thread "
+              + ", ".join(f"{k} {v:.1f}" for k, v in cpu["threads_s"].items() if v >= 0.05))
 if r.get("dynamic_over_batch_1"):
     print(f"dynamic / batch-1 = {r['dynamic_over_batch_1']:.2f}")
 PY
