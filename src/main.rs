@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -177,13 +178,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let code = match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    // Stop the batching tasks, then let the model threads finish and free their sessions
+    // before ONNX Runtime is torn down with the process.
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    if !retoucher::engine::batcher::join_model_threads(Duration::from_secs(30)) {
+        tracing::warn!("model threads still running at exit");
     }
+    code
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {

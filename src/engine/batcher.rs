@@ -152,10 +152,14 @@ impl<M: BatchModel> Batcher<M> {
         let thread_name = format!("model-{name}");
         let thread_model = name.clone();
         let thread_observer = observer.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(thread_name)
             .spawn(move || execute(thread_model, model, batch_rx, thread_observer))
             .expect("spawning a model thread");
+        MODEL_THREADS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(thread);
         Batcher {
             name,
             tx,
@@ -193,6 +197,42 @@ impl<M: BatchModel> Batcher<M> {
             return Err(closed());
         }
         rx.await.map_err(|_| closed())?
+    }
+}
+
+/// Model threads started in this process, for [`join_model_threads`].
+static MODEL_THREADS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Waits up to `timeout` for every model thread to end; returns whether they all did.
+///
+/// A model thread ends once its batching task has (every handle to its batcher dropped, or the
+/// runtime that ran the task shut down), after the batch it is running, and drops its session
+/// as it ends. Called before the process exits, so sessions are released while ONNX Runtime is
+/// still whole rather than while it tears itself down (a CUDA session freed during exit can
+/// crash the process after its work is done).
+pub fn join_model_threads(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut threads = std::mem::take(&mut *MODEL_THREADS.lock().unwrap_or_else(|e| e.into_inner()));
+    loop {
+        let (finished, running): (Vec<_>, Vec<_>) =
+            threads.into_iter().partition(|t| t.is_finished());
+        for thread in finished {
+            let _ = thread.join();
+        }
+        threads = running;
+        if threads.is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            // Left running; put back for a later call.
+            MODEL_THREADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(threads);
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -134,15 +134,22 @@ pub fn environment(
 /// The session is built on a thread named `model-{file stem}`, so ONNX Runtime's pool threads
 /// carry that name (in `top -H`, and for `bench`'s CPU accounting, see [`crate::cputime`]).
 pub fn load_session(path: &Path, options: &EngineOptions) -> anyhow::Result<Session> {
+    // The environment (and any thread of its own) first, outside the model's name.
+    let env = environment(options)?;
     let stem = path
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("session");
-    crate::cputime::on_named_thread(&format!("model-{stem}"), || build_session(path, options))
+    crate::cputime::on_named_thread(&format!("model-{stem}"), || {
+        build_session(env, path, options)
+    })
 }
 
-fn build_session(path: &Path, options: &EngineOptions) -> anyhow::Result<Session> {
-    let env = environment(options)?;
+fn build_session(
+    env: &ort::environment::Environment,
+    path: &Path,
+    options: &EngineOptions,
+) -> anyhow::Result<Session> {
     let mut builder = Session::builder(env)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level3)
