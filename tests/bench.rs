@@ -33,8 +33,8 @@ fn check_run(run: &serde_json::Value) {
     assert!(perception["model_only_items_per_s"].as_f64().unwrap() > 0.0);
     assert!(run["model_only_jobs_per_s"].as_f64().unwrap() > 0.0);
     assert!(run["stages_ms"]["decode"].as_f64().unwrap() > 0.0, "{run}");
-    // Where the cores went: the worker's own work is measured apart from the model threads,
-    // and the jobs ran on the runtime's threads (each job is its own task).
+    // Where the cores went: the worker's own work is measured apart from the model threads.
+    // (Per-thread times come in 10 ms ticks, too coarse for 8 jobs to say more than this.)
     let cpu = &run["cpu"];
     let process = cpu["process_s"].as_f64().expect("cpu.process_s");
     let model = cpu["model_threads_s"].as_f64().unwrap();
@@ -44,7 +44,15 @@ fn check_run(run: &serde_json::Value) {
         cpu["host_ceiling_jobs_per_s"].as_f64().unwrap() > 0.0,
         "{cpu}"
     );
-    assert!(cpu["threads_s"]["runtime"].as_f64().unwrap() > 0.0, "{cpu}");
+    let groups = cpu["threads_s"].as_object().expect("cpu.threads_s");
+    for group in [
+        "runtime",
+        "model-perceptio",
+        "model-classifie",
+        "model-inpaint",
+    ] {
+        assert!(groups.contains_key(group), "no {group} threads: {cpu}");
+    }
 }
 
 #[test]
