@@ -17,7 +17,7 @@ use crate::config::BatchingOverride;
 use crate::engine::batcher::{BatchObserver, Batcher};
 use crate::engine::{cpu_bound, load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
 use crate::error::{ErrorClass, JobError};
-use crate::imaging::{dilate, grow_rect, to_chw, Map};
+use crate::imaging::{dilate, grow_rect, inside_bbox, to_chw, Map};
 
 /// One distorted region, as the action agent and the diagnostics see it.
 #[derive(Debug, Clone, Serialize)]
@@ -105,7 +105,7 @@ impl Reasoning {
                 .map(|c| {
                     // Grown so the repair also covers the blemish's soft edge, below τ.
                     let mask = dilate(&c.mask, self.spec.dilate_pixels);
-                    let bbox = mask_bbox(&mask).unwrap_or(c.bbox);
+                    let bbox = inside_bbox(&mask).unwrap_or(c.bbox);
                     let request = self.request(image, &mask, bbox);
                     ((mask, bbox, c.pixels), request)
                 })
@@ -174,20 +174,6 @@ impl Reasoning {
     }
 }
 
-/// Bounding box `[x, y, w, h]` of the non-zero pixels.
-pub fn mask_bbox(mask: &GrayImage) -> Option<[u32; 4]> {
-    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
-    for (x, y, p) in mask.enumerate_pixels() {
-        if p[0] > 0 {
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x);
-            y1 = y1.max(y);
-        }
-    }
-    (x0 != u32::MAX).then(|| [x0, y0, x1 - x0 + 1, y1 - y0 + 1])
-}
-
 /// Index of the largest logit and its softmax probability.
 fn argmax_softmax(logits: &[f32]) -> (usize, f32) {
     let (index, max) =
@@ -216,14 +202,5 @@ mod tests {
         assert_eq!(i, 1);
         let expected = 2f32.exp() / (2.0 + 2f32.exp());
         assert!((p - expected).abs() < 1e-6);
-    }
-
-    #[test]
-    fn bbox_of_a_mask() {
-        let mut m = GrayImage::new(10, 10);
-        assert_eq!(mask_bbox(&m), None);
-        m.put_pixel(2, 3, image::Luma([255]));
-        m.put_pixel(5, 7, image::Luma([255]));
-        assert_eq!(mask_bbox(&m), Some([2, 3, 4, 5]));
     }
 }

@@ -275,12 +275,7 @@ pub fn to_chw(img: &RgbImage, size: u32, mean: [f32; 3], std: [f32; 3]) -> Vec<f
     }
     let (w, h) = (img.width() as usize, img.height() as usize);
     let size = size as usize;
-    let mut out = resample::resize_planes(
-        &resample::planes_u8(img.as_raw(), 3),
-        3,
-        (w, h),
-        (size, size),
-    );
+    let mut out = resample::resize_u8(img.as_raw(), 3, (w, h), (size, size));
     for (c, chunk) in out.chunks_exact_mut(plane).enumerate() {
         for v in chunk {
             *v = *v * scale[c] + offset[c];
@@ -305,35 +300,12 @@ impl Map {
     /// the perception models' training used for their targets); no antialiasing, since maps are
     /// almost always enlarged to image size. Resizing an empty map gives zeros.
     pub fn resize(&self, width: u32, height: u32) -> Map {
-        let n = width as usize * height as usize;
-        let (sw, sh) = (self.width as usize, self.height as usize);
-        if n == 0 || sw == 0 || sh == 0 {
-            return Map {
-                width,
-                height,
-                data: vec![0.0; n],
-            };
-        }
-        if (sw, sh) == (width as usize, height as usize) {
-            let mut data = self.data.clone();
-            data.resize(n, 0.0);
-            return Map {
-                width,
-                height,
-                data,
-            };
-        }
-        let xs = axis_taps(sw, width as usize);
-        let ys = axis_taps(sh, height as usize);
-        let at = |x: usize, y: usize| self.data.get(y * sw + x).copied().unwrap_or(0.0);
-        let mut data = Vec::with_capacity(n);
-        for &(y0, y1, fy) in &ys {
-            for &(x0, x1, fx) in &xs {
-                let top = at(x0, y0) * (1.0 - fx) + at(x1, y0) * fx;
-                let bottom = at(x0, y1) * (1.0 - fx) + at(x1, y1) * fx;
-                data.push(top * (1.0 - fy) + bottom * fy);
-            }
-        }
+        let data = resample::bilinear_planes(
+            &self.data,
+            1,
+            (self.width as usize, self.height as usize),
+            (width as usize, height as usize),
+        );
         Map {
             width,
             height,
@@ -374,21 +346,6 @@ impl Map {
     }
 }
 
-/// For each output coordinate along one axis: the two source taps and the weight of the second,
-/// with half-pixel centres and edge clamping (`align_corners = false`).
-fn axis_taps(src: usize, dst: usize) -> Vec<(usize, usize, f32)> {
-    let scale = src as f64 / dst as f64;
-    (0..dst)
-        .map(|i| {
-            let pos = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
-            let i0 = (pos.floor() as usize).min(src - 1);
-            let i1 = (i0 + 1).min(src - 1);
-            let frac = (pos - i0 as f64).clamp(0.0, 1.0) as f32;
-            (i0, i1, frac)
-        })
-        .collect()
-}
-
 fn inside(v: u8) -> bool {
     v >= MASK_INSIDE
 }
@@ -400,16 +357,63 @@ fn inside(v: u8) -> bool {
 /// whatever the radius), and a slightly generous margin is what callers want around a defect.
 pub fn dilate(mask: &GrayImage, radius: u32) -> GrayImage {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
-    let binary: Vec<bool> = mask.as_raw().iter().map(|&v| inside(v)).collect();
+    let mut out = GrayImage::new(mask.width(), mask.height());
+    // Only the window around the inside pixels can change: a region is usually a small part
+    // of the image, and the mask is image-sized.
+    let Some([bx, by, bw, bh]) = inside_bbox(mask) else {
+        return out;
+    };
     let r = radius as usize;
-    let horizontal = box_any(&binary, w, h, r, true);
-    let both = box_any(&horizontal, w, h, r, false);
-    let raw = both.into_iter().map(|b| if b { 255 } else { 0 }).collect();
-    GrayImage::from_raw(mask.width(), mask.height(), raw)
-        .unwrap_or_else(|| GrayImage::new(mask.width(), mask.height()))
+    let (x0, y0) = (
+        (bx as usize).saturating_sub(r),
+        (by as usize).saturating_sub(r),
+    );
+    let x1 = (bx as usize + bw as usize + r).min(w);
+    let y1 = (by as usize + bh as usize + r).min(h);
+    let (ww, wh) = (x1 - x0, y1 - y0);
+    let raw = mask.as_raw();
+    let mut binary = Vec::with_capacity(ww * wh);
+    for y in y0..y1 {
+        binary.extend(raw[y * w + x0..y * w + x1].iter().map(|&v| inside(v)));
+    }
+    let horizontal = box_any(&binary, ww, wh, r, true);
+    let both = box_any(&horizontal, ww, wh, r, false);
+    let dst: &mut [u8] = &mut out;
+    for (row, y) in both.chunks_exact(ww).zip(y0..y1) {
+        for (d, &b) in dst[y * w + x0..y * w + x1].iter_mut().zip(row) {
+            *d = if b { 255 } else { 0 };
+        }
+    }
+    out
 }
 
-/// One axis of the separable dilation: true where any input within `r` along the axis is true.
+/// Bounding box `[x, y, w, h]` of the pixels that count as inside (see [`MASK_INSIDE`]).
+pub fn inside_bbox(mask: &GrayImage) -> Option<[u32; 4]> {
+    let w = mask.width() as usize;
+    if w == 0 {
+        return None;
+    }
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+    for (y, row) in mask.as_raw().chunks_exact(w).enumerate() {
+        let Some(first) = row.iter().position(|&v| inside(v)) else {
+            continue;
+        };
+        let last = row.iter().rposition(|&v| inside(v)).unwrap_or(first);
+        x0 = x0.min(first);
+        x1 = x1.max(last);
+        y0 = y0.min(y);
+        y1 = y;
+    }
+    (x0 != usize::MAX).then(|| {
+        [
+            x0 as u32,
+            y0 as u32,
+            (x1 - x0 + 1) as u32,
+            (y1 - y0 + 1) as u32,
+        ]
+    })
+}
+
 fn box_any(src: &[bool], w: usize, h: usize, r: usize, along_rows: bool) -> Vec<bool> {
     let mut out = vec![false; src.len()];
     let (lines, len) = if along_rows { (h, w) } else { (w, h) };
@@ -928,6 +932,38 @@ mod tests {
             m.put_pixel(x, y, Luma([255]));
         }
         m
+    }
+
+    #[test]
+    fn dilate_matches_the_definition_on_scattered_masks() {
+        // Chessboard distance <= r to some inside pixel, checked pixel by pixel.
+        let (w, h) = (23u32, 17u32);
+        for (seed, r) in [(1u32, 0u32), (2, 1), (3, 2), (4, 5), (5, 30)] {
+            let on: Vec<(u32, u32)> = (0..4)
+                .map(|i| ((seed * 7 + i * 11) % w, (seed * 5 + i * 3) % h))
+                .collect();
+            let mut mask = mask_from(w, h, &on);
+            mask.put_pixel(0, 0, Luma([MASK_INSIDE - 1])); // below the split: outside
+            let d = dilate(&mask, r);
+            for (x, y, p) in d.enumerate_pixels() {
+                let near = on
+                    .iter()
+                    .any(|&(ox, oy)| ox.abs_diff(x) <= r && oy.abs_diff(y) <= r);
+                assert_eq!(p[0], if near { 255 } else { 0 }, "r {r} at ({x},{y})");
+            }
+        }
+        assert_eq!(dilate(&GrayImage::new(5, 4), 3), GrayImage::new(5, 4));
+    }
+
+    #[test]
+    fn bbox_of_the_inside_pixels() {
+        let mut m = GrayImage::new(10, 10);
+        assert_eq!(inside_bbox(&m), None);
+        m.put_pixel(2, 3, Luma([255]));
+        m.put_pixel(5, 7, Luma([MASK_INSIDE]));
+        m.put_pixel(9, 9, Luma([MASK_INSIDE - 1]));
+        assert_eq!(inside_bbox(&m), Some([2, 3, 4, 5]));
+        assert_eq!(inside_bbox(&GrayImage::new(0, 0)), None);
     }
 
     #[test]

@@ -11,11 +11,13 @@
 type Taps = (usize, Vec<f32>);
 
 /// Triangle-filter taps from `src` to `dst` samples along one axis. Near the edges the weights
-/// that would fall outside are dropped and the rest renormalised (edge clamping).
-fn triangle_taps(src: usize, dst: usize) -> Vec<Taps> {
+/// that would fall outside are dropped and the rest renormalised (edge clamping). `widen`:
+/// shrinking widens the filter to the scale (antialiased); without it the filter stays two
+/// taps wide, plain bilinear interpolation at any scale.
+fn triangle_taps(src: usize, dst: usize, widen: bool) -> Vec<Taps> {
     let scale = src as f64 / dst as f64;
     // The filter's radius in source pixels: 1 when enlarging, the scale when shrinking.
-    let support = scale.max(1.0);
+    let support = if widen { scale.max(1.0) } else { 1.0 };
     (0..dst)
         .map(|i| {
             let centre = (i as f64 + 0.5) * scale;
@@ -50,35 +52,104 @@ pub fn planes_u8(raw: &[u8], channels: usize) -> Vec<f32> {
     out
 }
 
-/// Resizes `channels` CHW planes of `sw`×`sh` to `dw`×`dh`. An empty source gives zeros; a
-/// `src` shorter than the planes reads as 0.
-pub fn resize_planes(
-    src: &[f32],
+/// Resizes interleaved 8-bit pixels (`channels` per pixel, `sw`×`sh`) to CHW f32 planes of
+/// `dw`×`dh` with the widened triangle filter, values 0..=255. Reads the pixels in place: no
+/// intermediate planes at the source size.
+pub fn resize_u8(
+    raw: &[u8],
     channels: usize,
     (sw, sh): (usize, usize),
     (dw, dh): (usize, usize),
+) -> Vec<f32> {
+    if raw.len() < channels * sw * sh {
+        return vec![0.0; channels * dw * dh];
+    }
+    resize_with(
+        |c, y, x| f32::from(raw[(y * sw + x) * channels + c]),
+        channels,
+        (sw, sh),
+        (dw, dh),
+        true,
+    )
+}
+
+/// Resizes `channels` CHW planes of `sw`×`sh` to `dw`×`dh` with the widened triangle filter.
+/// An empty source gives zeros; a `src` shorter than the planes reads as 0.
+pub fn resize_planes(
+    src: &[f32],
+    channels: usize,
+    from: (usize, usize),
+    to: (usize, usize),
+) -> Vec<f32> {
+    planes(src, channels, from, to, true)
+}
+
+/// [`resize_planes`] with plain bilinear interpolation (two taps per axis at any scale, no
+/// antialiasing when shrinking): PyTorch's `interpolate(mode="bilinear", align_corners=False)`.
+pub fn bilinear_planes(
+    src: &[f32],
+    channels: usize,
+    from: (usize, usize),
+    to: (usize, usize),
+) -> Vec<f32> {
+    planes(src, channels, from, to, false)
+}
+
+fn planes(
+    src: &[f32],
+    channels: usize,
+    (sw, sh): (usize, usize),
+    to: (usize, usize),
+    widen: bool,
+) -> Vec<f32> {
+    let n = channels * sw * sh;
+    if src.len() < n {
+        let mut padded = src.to_vec();
+        padded.resize(n, 0.0);
+        return planes(&padded, channels, (sw, sh), to, widen);
+    }
+    if (sw, sh) == to {
+        return src[..n].to_vec();
+    }
+    resize_with(
+        |c, y, x| src[(c * sh + y) * sw + x],
+        channels,
+        (sw, sh),
+        to,
+        widen,
+    )
+}
+
+/// The separable resize: every source row to the output width, then columns. `sample(c, y, x)`
+/// reads the source (always in bounds).
+fn resize_with(
+    sample: impl Fn(usize, usize, usize) -> f32,
+    channels: usize,
+    (sw, sh): (usize, usize),
+    (dw, dh): (usize, usize),
+    widen: bool,
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; channels * dw * dh];
     if sw == 0 || sh == 0 || dw == 0 || dh == 0 {
         return out;
     }
-    let at = |i: usize| src.get(i).copied().unwrap_or(0.0);
-    if (sw, sh) == (dw, dh) {
-        out.iter_mut().enumerate().for_each(|(i, v)| *v = at(i));
-        return out;
-    }
-    let xt = triangle_taps(sw, dw);
-    let yt = triangle_taps(sh, dh);
-    // Rows first: every source row to the output width.
+    let xt = triangle_taps(sw, dw, widen);
+    let yt = triangle_taps(sh, dh, widen);
+    // Only the source rows some output row uses.
+    let (y_lo, y_hi) = yt.iter().fold((usize::MAX, 0), |(lo, hi), (start, w)| {
+        (lo.min(*start), hi.max(start + w.len()))
+    });
     let mut rows = vec![0.0f32; channels * sh * dw];
-    for (r, row) in rows.chunks_exact_mut(dw).enumerate() {
-        let base = r * sw;
-        for (x, (start, weights)) in xt.iter().enumerate() {
-            row[x] = weights
-                .iter()
-                .enumerate()
-                .map(|(k, w)| w * at(base + start + k))
-                .sum();
+    for c in 0..channels {
+        for y in y_lo..y_hi {
+            let row = &mut rows[(c * sh + y) * dw..][..dw];
+            for (o, (start, weights)) in row.iter_mut().zip(&xt) {
+                *o = weights
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| w * sample(c, y, start + k))
+                    .sum();
+            }
         }
     }
     // Then columns, one output row at a time (the inner loop runs along contiguous rows).
@@ -111,7 +182,7 @@ mod tests {
     #[test]
     fn taps_sum_to_one_and_stay_inside() {
         for (src, dst) in [(1, 7), (7, 1), (10, 3), (3, 10), (512, 224), (97, 512)] {
-            for (start, w) in triangle_taps(src, dst) {
+            for (start, w) in triangle_taps(src, dst, true) {
                 assert!(start + w.len() <= src, "{src}->{dst}");
                 assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{src}->{dst}");
                 assert!(w.iter().all(|&v| v >= 0.0));
@@ -168,6 +239,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bytes_in_place_match_planes() {
+        let raw: Vec<u8> = (0..(13 * 7 * 3)).map(|v| (v * 37 % 256) as u8).collect();
+        for to in [(5, 3), (13, 7), (40, 20)] {
+            let a = resize_u8(&raw, 3, (13, 7), to);
+            let b = resize_planes(&planes_u8(&raw, 3), 3, (13, 7), to);
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-3, "{to:?}: {x} vs {y}");
+            }
+        }
+        assert_eq!(
+            resize_u8(&[1, 2], 3, (2, 2), (1, 1)),
+            vec![0.0; 3],
+            "short input"
+        );
+    }
+
+    #[test]
+    fn bilinear_does_not_widen_when_shrinking() {
+        // 4 -> 2 bilinear: each output is the mean of its two nearest pixels only.
+        let src = [0.0, 40.0, 100.0, 200.0];
+        assert_eq!(bilinear_planes(&src, 1, (4, 1), (2, 1)), vec![20.0, 150.0]);
+        let widened = resize_planes(&src, 1, (4, 1), (2, 1));
+        assert!(widened[0] > 20.0, "{widened:?}");
+        // Enlarging, both are the same bilinear filter.
+        assert_eq!(
+            bilinear_planes(&src, 1, (4, 1), (7, 1)),
+            resize_planes(&src, 1, (4, 1), (7, 1))
+        );
     }
 
     #[test]

@@ -75,9 +75,25 @@ impl Action {
         let (w, h) = image.dimensions();
         let holes = cpu_bound(|| {
             let mut holes = GrayImage::new(w, h);
+            let width = w as usize;
             for region in regions {
-                for (dst, src) in holes.pixels_mut().zip(region.mask.pixels()) {
-                    dst[0] = dst[0].max(src[0]);
+                let mask: &[u8] = &region.mask;
+                let dst: &mut [u8] = &mut holes;
+                if mask.len() != dst.len() {
+                    // Not image-sized (never made so): take it pixel by pixel as far as it goes.
+                    dst.iter_mut()
+                        .zip(mask)
+                        .for_each(|(d, &s)| *d = (*d).max(s));
+                    continue;
+                }
+                // A region's mask is zero outside its bbox.
+                let [x, y, bw, bh] = region.bbox.map(|v| v as usize);
+                let x = x.min(width);
+                for row in y..(y + bh).min(h as usize) {
+                    let span = row * width + x..row * width + (x + bw).min(width);
+                    for (d, &s) in dst[span.clone()].iter_mut().zip(&mask[span]) {
+                        *d = (*d).max(s);
+                    }
                 }
             }
             holes
