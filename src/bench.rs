@@ -710,7 +710,7 @@ async fn through_broker(
     }
     let _ = stop_tx.send(true);
     worker.await??;
-    let _ = conn.close(200, "bench done".into()).await;
+    crate::broker::close(&conn, "bench done").await;
     Ok((latencies, stages, failed))
 }
 

@@ -128,7 +128,7 @@ pub async fn enqueue(
     }
     attribute_returns(&jobs, returned, &mut outcomes);
 
-    let _ = conn.close(200, "enqueue done".into()).await;
+    crate::broker::close(&conn, "enqueue done").await;
     let failed: Vec<EnqueueFailure> = outcomes
         .into_iter()
         .enumerate()

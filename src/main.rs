@@ -379,7 +379,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 report.matched.len(),
                 report.kept + if dry_run { report.matched.len() } else { 0 }
             );
-            let _ = conn.close(0, "done".into()).await;
+            broker::close(&conn, "done").await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { dry_run, .. } => {
@@ -400,7 +400,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 let report = broker::migrate(&conn, queue).await?;
                 println!("{report}");
             }
-            let _ = conn.close(0, "done".into()).await;
+            broker::close(&conn, "done").await;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -238,7 +238,7 @@ pub async fn consume(
                 // keep trying rather than exit (at start, a failure is reported at once).
                 Err(e) if !first => {
                     warn!(error = %format!("{e:#}"), "cannot consume yet: reconnecting");
-                    let _ = conn.close(0, "retrying".into()).await;
+                    broker::close(&conn, "retrying").await;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue 'connection;
                 }
@@ -298,7 +298,7 @@ pub async fn consume(
         }
         readiness.broker.store(false, Ordering::Relaxed);
         metrics().broker_connected.set(0);
-        let _ = conn.close(0, "reconnecting".into()).await;
+        broker::close(&conn, "reconnecting").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         continue 'connection;
     }
@@ -317,7 +317,7 @@ pub async fn consume(
     }
     if let Some((conn, channel, _consumer)) = held {
         let _ = channel.close(200, "worker stopped".into()).await;
-        let _ = conn.close(200, "worker stopped".into()).await;
+        broker::close(&conn, "worker stopped").await;
     }
     info!("worker stopped");
     metrics().broker_connected.set(0);

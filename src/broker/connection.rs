@@ -14,8 +14,24 @@ use super::BrokerError;
 /// How long one connection attempt (TCP + AMQP handshake) may take: a black-holed host would
 /// otherwise hang on the kernel's SYN retries for minutes.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`close`] waits for the broker to confirm.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Closes a connection, waiting at most a few seconds for the broker's close-ok. Nothing after
+/// a close needs the answer, and lapin can leave a close pending forever when the socket goes
+/// away first (seen as a `retoucher replay` that never exited).
+pub async fn close(conn: &Connection, reason: &str) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "closing the broker connection"),
+        Err(_) => tracing::warn!(
+            seconds = CLOSE_TIMEOUT.as_secs(),
+            "the broker did not confirm closing the connection; going on"
+        ),
+    }
+}
 
 /// Opens one connection, named `name` in the management UI (and `rabbitmqctl list_connections
 /// client_properties`), so an operator can tell workers from enqueuers.

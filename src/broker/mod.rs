@@ -11,7 +11,7 @@ pub mod publisher;
 pub mod retry;
 pub mod topology;
 
-pub use connection::{connect, connect_with_retry, redact};
+pub use connection::{close, connect, connect_with_retry, redact};
 pub use publisher::{Event, EventError, Publisher};
 pub use retry::{attempt_of, RetryDecision, RetryPolicy, ATTEMPT_HEADER};
 pub use topology::{migrate, migrate_to, verify, MigrationReport};
