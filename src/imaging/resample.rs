@@ -40,18 +40,6 @@ fn triangle_taps(src: usize, dst: usize, widen: bool) -> Vec<Taps> {
         .collect()
 }
 
-/// Interleaved 8-bit pixels (`channels` per pixel) as CHW f32 planes, values 0..=255.
-pub fn planes_u8(raw: &[u8], channels: usize) -> Vec<f32> {
-    let n = raw.len() / channels.max(1);
-    let mut out = vec![0.0f32; n * channels];
-    for (i, px) in raw.chunks_exact(channels.max(1)).enumerate() {
-        for (c, &v) in px.iter().enumerate() {
-            out[c * n + i] = f32::from(v);
-        }
-    }
-    out
-}
-
 /// Resizes interleaved 8-bit pixels (`channels` per pixel, `sw`×`sh`) to CHW f32 planes of
 /// `dw`×`dh` with the widened triangle filter, values 0..=255. Reads the pixels in place: no
 /// intermediate planes at the source size.
@@ -178,6 +166,18 @@ pub fn to_u8(v: f32) -> u8 {
 mod tests {
     use super::*;
     use image::{imageops, RgbImage};
+
+    /// Interleaved 8-bit pixels (`channels` per pixel) as CHW f32 planes, values 0..=255.
+    fn planes_u8(raw: &[u8], channels: usize) -> Vec<f32> {
+        let n = raw.len() / channels.max(1);
+        let mut out = vec![0.0f32; n * channels];
+        for (i, px) in raw.chunks_exact(channels.max(1)).enumerate() {
+            for (c, &v) in px.iter().enumerate() {
+                out[c * n + i] = f32::from(v);
+            }
+        }
+        out
+    }
 
     #[test]
     fn taps_sum_to_one_and_stay_inside() {

@@ -75,8 +75,7 @@ impl OnnxInpaint {
         // (every source pixel in a model pixel's filter support has a positive weight).
         let (w, h) = (hole.width() as usize, hole.height() as usize);
         let s = s as usize;
-        let coverage =
-            resample::resize_planes(&resample::planes_u8(hole.as_raw(), 1), 1, (w, h), (s, s));
+        let coverage = resample::resize_u8(hole.as_raw(), 1, (w, h), (s, s));
         let mask = coverage
             .into_iter()
             .map(|v| if v > 0.0 { 1.0 } else { 0.0 })
