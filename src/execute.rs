@@ -167,7 +167,7 @@ impl Executor {
                 for (i, r, mask) in result.masks() {
                     files.push((
                         layout::mask(i, r),
-                        Bytes::from(imaging::encode_gray_png(mask)),
+                        Bytes::from(imaging::encode_mask_png(mask)),
                     ));
                 }
                 files

@@ -231,7 +231,7 @@ pub fn encode_png(img: &RgbImage) -> Vec<u8> {
     )
 }
 
-/// Encodes an 8-bit grey image (saliency maps, masks) as PNG. Same zero-size rule as
+/// Encodes an 8-bit grey image (saliency maps) as PNG. Same zero-size rule as
 /// [`encode_png`].
 pub fn encode_gray_png(img: &GrayImage) -> Vec<u8> {
     encode(
@@ -242,17 +242,43 @@ pub fn encode_gray_png(img: &GrayImage) -> Vec<u8> {
     )
 }
 
+/// Encodes a binary 0/255 mask as an 8-bit grey PNG without row filters: a mask is runs of
+/// two values, which deflate packs as well unfiltered, and trying five filters on every row of
+/// an image-sized mask costs more than the rest of its encoding.
+pub fn encode_mask_png(mask: &GrayImage) -> Vec<u8> {
+    encode_with(
+        mask.as_raw(),
+        mask.width(),
+        mask.height(),
+        ExtendedColorType::L8,
+        image::codecs::png::FilterType::NoFilter,
+    )
+}
+
 fn encode(raw: &[u8], width: u32, height: u32, color: ExtendedColorType) -> Vec<u8> {
+    encode_with(
+        raw,
+        width,
+        height,
+        color,
+        image::codecs::png::FilterType::Adaptive,
+    )
+}
+
+fn encode_with(
+    raw: &[u8],
+    width: u32,
+    height: u32,
+    color: ExtendedColorType,
+    filter: image::codecs::png::FilterType,
+) -> Vec<u8> {
     let mut out = Vec::new();
     // Writing to a Vec cannot fail for I/O reasons; the only failures are zero or inconsistent
     // dimensions, which no caller can put to use anyway.
     // Fast deflate: the files are written once per job on the hot path; a few percent more
     // bytes cost less than the CPU time the default level takes.
-    let encoder = PngEncoder::new_with_quality(
-        &mut out,
-        image::codecs::png::CompressionType::Fast,
-        image::codecs::png::FilterType::Adaptive,
-    );
+    let encoder =
+        PngEncoder::new_with_quality(&mut out, image::codecs::png::CompressionType::Fast, filter);
     if encoder.write_image(raw, width, height, color).is_err() {
         out.clear();
     }
@@ -655,6 +681,16 @@ mod tests {
         let bytes = encode_gray_png(&g);
         let back = image::load_from_memory(&bytes).expect("load").into_luma8();
         assert_eq!(back, g);
+    }
+
+    #[test]
+    fn mask_png_round_trip() {
+        let m = GrayImage::from_fn(64, 48, |x, y| {
+            Luma([if (x / 7 + y / 5) % 3 == 0 { 255 } else { 0 }])
+        });
+        let bytes = encode_mask_png(&m);
+        let back = image::load_from_memory(&bytes).expect("load").into_luma8();
+        assert_eq!(back, m);
     }
 
     #[test]
