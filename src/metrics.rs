@@ -34,6 +34,7 @@ pub struct Metrics {
     pub regions_total: IntCounterVec,
     pub s3_requests_total: IntCounterVec,
     pub broker_connected: IntGauge,
+    pub ready: IntGauge,
     pub errors_total: IntCounterVec,
 }
 
@@ -145,6 +146,11 @@ impl Metrics {
             broker_connected: gauge(
                 "retoucher_broker_connected",
                 "1 while the worker holds a broker connection.",
+            ),
+            ready: gauge(
+                "retoucher_ready",
+                "1 while /readyz answers 200 (broker connected, storage reachable, models warm, \
+                 not draining); set at every scrape.",
             ),
             errors_total: counter(
                 "retoucher_job_errors_total",
@@ -260,11 +266,18 @@ pub async fn serve(listen: &str, readiness: Arc<Readiness>) -> anyhow::Result<So
     let app = axum::Router::new()
         .route(
             "/metrics",
-            get(|| async {
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    metrics().render(),
-                )
+            get({
+                let readiness = readiness.clone();
+                move || {
+                    let ready = readiness.is_ready();
+                    async move {
+                        metrics().ready.set(i64::from(ready));
+                        (
+                            [("content-type", "text/plain; version=0.0.4")],
+                            metrics().render(),
+                        )
+                    }
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))

@@ -135,7 +135,9 @@ async fn rabbitmq_restarted_under_load_the_worker_reconnects_and_every_job_compl
     let mut saw_unready = false;
     while stopped_at.elapsed() < OUTAGE {
         saw_disconnected |= gauge(&worker, "retoucher_broker_connected") == 0.0;
-        saw_unready |= http_get(worker.port, "/readyz").is_some_and(|(code, _)| code == 503);
+        // /readyz and retoucher_ready agree: both say not ready, in one poll.
+        saw_unready |= http_get(worker.port, "/readyz").is_some_and(|(code, _)| code == 503)
+            && gauge(&worker, "retoucher_ready") == 0.0;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
@@ -150,7 +152,7 @@ async fn rabbitmq_restarted_under_load_the_worker_reconnects_and_every_job_compl
     assert!(
         saw_disconnected && saw_unready,
         "while the broker was down the worker should report retoucher_broker_connected 0 \
-         (seen: {saw_disconnected}) and /readyz 503 (seen: {saw_unready}):\n{}",
+         (seen: {saw_disconnected}) and /readyz 503 with retoucher_ready 0 (seen: {saw_unready}):\n{}",
         worker.log_text()
     );
 
@@ -163,6 +165,7 @@ async fn rabbitmq_restarted_under_load_the_worker_reconnects_and_every_job_compl
     let reconnected = wait_until(WAIT, || {
         gauge(&worker, "retoucher_broker_connected") == 1.0
             && http_get(worker.port, "/readyz").is_some_and(|(code, _)| code == 200)
+            && gauge(&worker, "retoucher_ready") == 1.0
     })
     .await;
     assert!(

@@ -392,6 +392,10 @@ async fn two_workers_share_one_queue_without_doing_a_job_twice() {
             "outcome=\"retouched\"",
         )
     };
+    // Both workers are ready, and say so in /metrics as on /readyz.
+    for w in [&a, &b] {
+        assert_eq!(metric_sum(&w.metrics(), "retoucher_ready", ""), 1.0);
+    }
     let (da, db) = (done(&a), done(&b));
     assert_eq!(
         da + db,
