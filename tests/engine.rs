@@ -5,32 +5,21 @@
 //! - the warm-up runs exactly the batch sizes it means to (on a GPU every size, largest first),
 //!   each as one batch.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use common::{cpu_engine, thread_names};
 use retoucher::agents::{warm_up_sizes, Agents};
 use retoucher::bundle::Bundle;
 use retoucher::engine::batcher::{BatchObserver, BatchRecord};
-use retoucher::engine::{load_session, Device, EngineOptions};
-
-fn thread_names() -> Vec<String> {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .collect()
-}
+use retoucher::engine::load_session;
 
 #[test]
 fn session_pool_threads_are_named_after_the_model() {
-    let options = EngineOptions {
-        device: Device::Cpu,
-        fallback_to_cpu: false,
-        intra_threads: 3,
-        ort_library: String::new(),
-    };
+    let options = cpu_engine(3);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/reference/classifier.onnx");
     let before = thread_names()
         .iter()
@@ -76,12 +65,7 @@ fn warm_up_sizes_are_every_size_largest_first_or_only_the_largest() {
 async fn warm_up_runs_each_size_as_one_batch() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/reference");
     let bundle = Bundle::load(&root).expect("the reference bundle");
-    let options = EngineOptions {
-        device: Device::Cpu,
-        fallback_to_cpu: false,
-        intra_threads: 1,
-        ort_library: String::new(),
-    };
+    let options = cpu_engine(1);
     let sizes = Arc::new(Sizes::default());
     let agents = Agents::load(bundle, &options, &BTreeMap::new(), sizes.clone()).unwrap();
     let max = agents.perception.max_batch_size;

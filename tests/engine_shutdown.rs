@@ -2,22 +2,21 @@
 //! session freed while ONNX Runtime tears itself down can crash the process). Its own test
 //! binary: it counts every model thread of the process.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{cpu_engine, thread_names};
 use retoucher::agents::Agents;
 use retoucher::bundle::Bundle;
 use retoucher::engine::batcher::{join_model_threads, NoObserver};
-use retoucher::engine::{Device, EngineOptions};
 
 fn model_threads() -> Vec<String> {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
+    thread_names()
+        .into_iter()
         .filter(|n| n.starts_with("model-"))
         .collect()
 }
@@ -29,12 +28,7 @@ fn model_threads_and_sessions_end_once_the_runtime_shuts_down() {
         .enable_all()
         .build()
         .unwrap();
-    let options = EngineOptions {
-        device: Device::Cpu,
-        fallback_to_cpu: false,
-        intra_threads: 2,
-        ort_library: String::new(),
-    };
+    let options = cpu_engine(2);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/reference");
     let agents = runtime.block_on(async {
         let bundle = Bundle::load(&root).expect("the reference bundle");

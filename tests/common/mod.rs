@@ -957,3 +957,23 @@ impl World {
         }
     }
 }
+
+/// Engine options for the in-process engine tests: CPU, `intra_threads` per session.
+pub fn cpu_engine(intra_threads: usize) -> retoucher::engine::EngineOptions {
+    retoucher::engine::EngineOptions {
+        device: retoucher::engine::Device::Cpu,
+        fallback_to_cpu: false,
+        intra_threads,
+        ort_library: String::new(),
+    }
+}
+
+/// The names of this process's threads (Linux keeps 15 bytes of each).
+pub fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
