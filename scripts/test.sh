@@ -14,6 +14,8 @@
 #   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, RETOUCHER_TEST_S3_ENDPOINT
 #                               from .tools/s3/credentials.env (never printed)
 #   RETOUCHER_TEST_AMQP_URL     amqp://guest:guest@127.0.0.1:5672/%2f
+# A full run (no arguments) then checks that the `cuda` feature still compiles
+# (`cargo check --features cuda --bin retoucher`): that code path runs only where a GPU is.
 # Exits with cargo's status.
 set -euo pipefail
 
@@ -58,6 +60,10 @@ cmd=(cargo test "${targets[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${test_ar
 echo "==> ${cmd[*]}"
 status=0
 "${cmd[@]}" || status=$?
+if ((status == 0 && ${#cargo_args[@]} == 0 && ${#test_args[@]} == 0)); then
+    echo "==> cargo check --features cuda --bin retoucher (the CUDA path compiles)"
+    cargo check --features cuda --bin retoucher || status=$?
+fi
 if ((status == 0)); then
     echo "==> tests passed"
 else
