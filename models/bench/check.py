@@ -12,7 +12,6 @@ float16 kernels there), just not faster; it is meant for CUDA.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -26,20 +25,14 @@ try:
 except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib  # type: ignore
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate import MAGENTA_ID, sha256_file  # noqa: E402  (the generator's own constants)
+
 RNG = np.random.default_rng(7)
-MAGENTA_ID = 53
 
 
 def ok(msg: str) -> None:
     print(f"ok   {msg}", flush=True)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def session(path: str, threads: int, provider: str) -> tuple[ort.InferenceSession, dict]:
