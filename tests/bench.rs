@@ -4,18 +4,20 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
 fn bench(args: &[&str], env: &[(String, String)]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_retoucher"))
-        .arg("bench")
-        .args(["--jobs", "8", "--concurrency", "4", "--image-size", "128"])
-        .args(["--model-only-batches", "2", "--json"])
-        .args(args)
-        .envs(env.iter().cloned())
-        .output()
-        .expect("run retoucher bench");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_retoucher"))
+            .arg("bench")
+            .args(["--jobs", "8", "--concurrency", "4", "--image-size", "128"])
+            .args(["--model-only-batches", "2", "--json"])
+            .args(args)
+            .envs(env.iter().cloned()),
+        Duration::from_secs(600),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed:\n{stderr}");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bench --json: {e}\n{stderr}"))

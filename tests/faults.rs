@@ -81,22 +81,29 @@ async fn complete_result_set(world: &World, id: &str, input: &[u8]) -> Value {
     diagnostics
 }
 
-/// Events of these jobs that arrive within `window` (duplicates show up here).
-async fn more_events(events: &mut Events, ids: &[String], window: Duration) -> Vec<Value> {
-    events
-        .collect_for(window)
+/// A fresh world with the small input uploaded as `in.png`, and its event consumer.
+async fn world_with_input() -> (World, Vec<u8>, Events) {
+    let world = World::new().await;
+    let input = small_input();
+    world.put(&world.input, "in.png", input.clone()).await;
+    let events = world.events().await;
+    (world, input, events)
+}
+
+/// Fails if any of these jobs completes again within two seconds (a duplicate would show up).
+async fn assert_no_second_completion(events: &mut Events, ids: &[String]) {
+    let late: Vec<Value> = events
+        .collect_for(Duration::from_secs(2))
         .await
         .into_iter()
         .filter(|e| ids.iter().any(|id| e["job_id"] == id.as_str()))
-        .collect()
+        .collect();
+    assert!(late.is_empty(), "a job finished more than once: {late:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_loses_nothing() {
-    let world = World::new().await;
-    let input = small_input();
-    world.put(&world.input, "in.png", input.clone()).await;
-    let mut events = world.events().await;
+    let (world, input, mut events) = world_with_input().await;
 
     // The first worker holds the job after fetching it, long enough to be killed mid-job.
     let mut first = world.spawn_worker(&[("RETOUCHER_FAULTS", "sleep@after_fetch=60000")]);
@@ -131,13 +138,7 @@ async fn a_worker_killed_mid_job_loses_nothing() {
         "the broker counted the lost delivery: {}",
         diagnostics["attempt"]
     );
-    let late = more_events(
-        &mut events,
-        std::slice::from_ref(&id),
-        Duration::from_secs(2),
-    )
-    .await;
-    assert!(late.is_empty(), "the job finished more than once: {late:?}");
+    assert_no_second_completion(&mut events, std::slice::from_ref(&id)).await;
 
     assert!(second.terminate(), "{}", second.log_text());
     assert_eq!(world.ready(&world.queue).await, 0, "queue is empty");
@@ -147,10 +148,7 @@ async fn a_worker_killed_mid_job_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_before_the_commit_marker_is_recomputed_not_trusted() {
-    let world = World::new().await;
-    let input = small_input();
-    world.put(&world.input, "in.png", input.clone()).await;
-    let mut events = world.events().await;
+    let (world, input, mut events) = world_with_input().await;
 
     let id = unique("torn");
     let mut first = world.spawn_worker(&[("RETOUCHER_FAULTS", "crash@before_diagnostics")]);
@@ -190,13 +188,7 @@ async fn a_crash_before_the_commit_marker_is_recomputed_not_trusted() {
         "a partial set must not count as done:\n{}",
         second.log_text()
     );
-    let late = more_events(
-        &mut events,
-        std::slice::from_ref(&id),
-        Duration::from_secs(2),
-    )
-    .await;
-    assert!(late.is_empty(), "the job finished more than once: {late:?}");
+    assert_no_second_completion(&mut events, std::slice::from_ref(&id)).await;
     assert!(second.terminate());
     assert_eq!(world.ready(&world.queue).await, 0);
     world.cleanup().await;
@@ -204,10 +196,7 @@ async fn a_crash_before_the_commit_marker_is_recomputed_not_trusted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_crashes_every_worker_ends_in_the_dead_queue() {
-    let world = World::new().await;
-    let input = small_input();
-    world.put(&world.input, "in.png", input.clone()).await;
-    let mut events = world.events().await;
+    let (world, input, mut events) = world_with_input().await;
     let faults = [("RETOUCHER_FAULTS", "crash@after_fetch:poison-")];
 
     let poison = unique("poison");
@@ -284,10 +273,7 @@ async fn a_job_that_crashes_every_worker_ends_in_the_dead_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_job_fails_alone() {
-    let world = World::new().await;
-    let input = small_input();
-    world.put(&world.input, "in.png", input.clone()).await;
-    let mut events = world.events().await;
+    let (world, input, mut events) = world_with_input().await;
     let mut worker = world.start_worker(&[("RETOUCHER_FAULTS", "panic@after_fetch:boom-")]);
 
     let boom = unique("boom");
@@ -332,10 +318,7 @@ async fn a_panicking_job_fails_alone() {
 
 /// SIGTERM with jobs in flight, then a fresh worker: every job ends with one complete result set.
 async fn sigterm_under_load(drain_timeout_secs: &str, faults: &str, expect_unfinished: bool) {
-    let world = World::new().await;
-    let input = small_input();
-    world.put(&world.input, "in.png", input.clone()).await;
-    let mut events = world.events().await;
+    let (world, input, mut events) = world_with_input().await;
     let mut first = world.spawn_worker(&[
         ("RETOUCHER_FAULTS", faults),
         ("RETOUCHER__WORKER__DRAIN_TIMEOUT_SECS", drain_timeout_secs),
@@ -382,8 +365,7 @@ async fn sigterm_under_load(drain_timeout_secs: &str, faults: &str, expect_unfin
         complete_result_set(&world, id, &input).await;
     }
     // Every job acked once: no late second completion, nothing left, nothing dead.
-    let late = more_events(&mut events, &ids, Duration::from_secs(2)).await;
-    assert!(late.is_empty(), "a job finished more than once: {late:?}");
+    assert_no_second_completion(&mut events, &ids).await;
     if expect_unfinished {
         assert!(
             ids.iter()

@@ -381,12 +381,13 @@ async fn load_run_every_job_accounted_for() {
     for body in &invalid_bodies[..invalid / 2] {
         world.publish(body).await;
     }
-    let enqueue = std::process::Command::new(env!("CARGO_BIN_EXE_retoucher"))
-        .args(["enqueue", "--queue", &world.queue])
-        .arg(format!("@{}", jsonl.display()))
-        .env("RETOUCHER__BROKER__URL", amqp_url())
-        .output()
-        .expect("run retoucher enqueue");
+    let enqueue = output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_retoucher"))
+            .args(["enqueue", "--queue", &world.queue])
+            .arg(format!("@{}", jsonl.display()))
+            .env("RETOUCHER__BROKER__URL", amqp_url()),
+        Duration::from_secs(600),
+    );
     let enqueue_log = String::from_utf8_lossy(&enqueue.stderr).to_string();
     assert!(
         enqueue.status.success(),

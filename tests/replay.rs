@@ -3,38 +3,21 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use serde_json::json;
 
-/// Runs `retoucher replay`; a run that has not exited after a minute fails the test (killed,
-/// with what it printed) instead of hanging it.
 fn replay(world: &World, args: &[&str]) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_retoucher"))
-        .arg("replay")
-        .args(["--queue", &world.queue])
-        .args(args)
-        .env("RETOUCHER__BROKER__URL", amqp_url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run retoucher replay");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("waiting for replay").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("replay output");
-            panic!(
-                "retoucher replay {args:?} did not exit within 60 s\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("replay output");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_retoucher"))
+            .arg("replay")
+            .args(["--queue", &world.queue])
+            .args(args)
+            .env("RETOUCHER__BROKER__URL", amqp_url()),
+        CLI_LIMIT,
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -206,11 +206,12 @@ async fn migrate_upgrades_v1_to_v2_and_a_worker_refuses_a_v1_broker() {
 
     // `retoucher migrate` upgrades it, and a second run changes nothing.
     let migrate = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_retoucher"))
-            .args(["migrate", "--queue", &queue])
-            .env("RETOUCHER__BROKER__URL", amqp_url())
-            .output()
-            .expect("run retoucher migrate");
+        let out = output_within(
+            Command::new(env!("CARGO_BIN_EXE_retoucher"))
+                .args(["migrate", "--queue", &queue])
+                .env("RETOUCHER__BROKER__URL", amqp_url()),
+            CLI_LIMIT,
+        );
         assert!(
             out.status.success(),
             "{}",
@@ -336,23 +337,33 @@ async fn migrate_upgrades_v1_to_v2_and_a_worker_refuses_a_v1_broker() {
     delete_topology(conn, &world.queue).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_are_retried_through_an_s3_outage_and_complete() {
-    let world = World::new().await;
+/// The example input uploaded, and a worker that reaches S3 only through a gate (open), with
+/// one request per S3 call and the given retry ladder, so the worker's retries, not the SDK's,
+/// are under test and a run takes seconds.
+async fn worker_behind_a_gate(
+    world: &World,
+    delays_ms: &str,
+    max_attempts: &str,
+) -> (S3Gate, Events, Worker) {
     world
         .put(&world.input, "cat.png", example("chelsea-blemished.png"))
         .await;
     let gate = S3Gate::start(&world.endpoint).await;
-    let mut events = world.events().await;
+    let events = world.events().await;
     let endpoint = gate.endpoint();
     let worker = world.start_worker(&[
         ("RETOUCHER__S3__ENDPOINT", &endpoint),
-        // One request per S3 call and a short ladder, so the test takes seconds: the worker's
-        // retries, not the SDK's, are under test.
         ("RETOUCHER__S3__MAX_ATTEMPTS", "1"),
-        ("RETOUCHER__RETRY__DELAYS_MS", "300,600,1200"),
-        ("RETOUCHER__RETRY__MAX_ATTEMPTS", "10"),
+        ("RETOUCHER__RETRY__DELAYS_MS", delays_ms),
+        ("RETOUCHER__RETRY__MAX_ATTEMPTS", max_attempts),
     ]);
+    (gate, events, worker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_retried_through_an_s3_outage_and_complete() {
+    let world = World::new().await;
+    let (gate, mut events, worker) = worker_behind_a_gate(&world, "300,600,1200", "10").await;
 
     // S3 goes away; jobs arrive meanwhile.
     gate.set_open(false);
@@ -460,18 +471,7 @@ async fn jobs_are_retried_through_an_s3_outage_and_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_failing_past_max_attempts_is_dead_lettered() {
     let world = World::new().await;
-    world
-        .put(&world.input, "cat.png", example("chelsea-blemished.png"))
-        .await;
-    let gate = S3Gate::start(&world.endpoint).await;
-    let mut events = world.events().await;
-    let endpoint = gate.endpoint();
-    let worker = world.start_worker(&[
-        ("RETOUCHER__S3__ENDPOINT", &endpoint),
-        ("RETOUCHER__S3__MAX_ATTEMPTS", "1"),
-        ("RETOUCHER__RETRY__DELAYS_MS", "100,200"),
-        ("RETOUCHER__RETRY__MAX_ATTEMPTS", "3"),
-    ]);
+    let (gate, mut events, worker) = worker_behind_a_gate(&world, "100,200", "3").await;
     // S3 stays away for good.
     gate.set_open(false);
     let id = unique("doomed");

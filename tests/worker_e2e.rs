@@ -352,16 +352,17 @@ async fn two_workers_share_one_queue_without_doing_a_job_twice() {
     );
     let file = std::env::temp_dir().join(format!("{}.jsonl", world.queue));
     std::fs::write(&file, lines.join("\n")).unwrap();
-    let enqueue = std::process::Command::new(env!("CARGO_BIN_EXE_retoucher"))
-        .args([
-            "enqueue",
-            &format!("@{}", file.display()),
-            "--queue",
-            &world.queue,
-        ])
-        .env("RETOUCHER__BROKER__URL", amqp_url())
-        .output()
-        .expect("run retoucher enqueue");
+    let enqueue = output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_retoucher"))
+            .args([
+                "enqueue",
+                &format!("@{}", file.display()),
+                "--queue",
+                &world.queue,
+            ])
+            .env("RETOUCHER__BROKER__URL", amqp_url()),
+        CLI_LIMIT,
+    );
     let stderr = String::from_utf8_lossy(&enqueue.stderr);
     assert_eq!(
         enqueue.status.code(),

@@ -98,13 +98,13 @@ impl World {
                 .await
                 .expect("create bucket");
         }
-        let status = Command::new(env!("CARGO_BIN_EXE_retoucher"))
-            .args(["migrate", "--queue", &world.queue])
-            .env("RETOUCHER__BROKER__URL", amqp_url())
-            .stdout(Stdio::null())
-            .status()
-            .expect("run retoucher migrate");
-        assert!(status.success(), "retoucher migrate failed");
+        let migrate = output_within(
+            Command::new(env!("CARGO_BIN_EXE_retoucher"))
+                .args(["migrate", "--queue", &world.queue])
+                .env("RETOUCHER__BROKER__URL", amqp_url()),
+            CLI_LIMIT,
+        );
+        assert!(migrate.status.success(), "retoucher migrate failed");
         world
     }
 
@@ -976,4 +976,66 @@ pub fn thread_names() -> Vec<String> {
         .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
         .map(|n| n.trim().to_string())
         .collect()
+}
+
+/// How long a short `retoucher` command (migrate, replay, enqueue) may take in a test.
+pub const CLI_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs a command to the end and returns its output, like `Command::output`, but kills it and
+/// fails the test (with what it printed) if it has not exited within `limit`: a command that
+/// hangs must fail the test, not hang the suite.
+pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+    // Read both pipes while waiting, so a chatty command cannot block on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the command") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    let Some(status) = status else {
+        panic!(
+            "{command:?} did not exit within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
