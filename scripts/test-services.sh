@@ -1,8 +1,9 @@
 # Sourced (not run) by scripts/test.sh and scripts/load-test.sh, from the repository root:
-# `start_test_services` installs ONNX Runtime, starts the local S3 server (a fresh store when it
-# was not running; stopped again on exit only then), makes sure RabbitMQ answers on
-# 127.0.0.1:5672, and exports what the tests read: ORT_DYLIB_PATH, the S3 credentials and
-# endpoint (never printed), RETOUCHER_TEST_AMQP_URL.
+# `start_test_services` installs ONNX Runtime and the model tools' Python environment (the
+# Python references some tests compare against), starts the local S3 server (a fresh store when
+# it was not running; stopped again on exit only then), makes sure RabbitMQ answers on
+# 127.0.0.1:5672, and exports what the tests read: ORT_DYLIB_PATH, RETOUCHER_TEST_PYTHON, the S3
+# credentials and endpoint (never printed), RETOUCHER_TEST_AMQP_URL.
 # shellcheck shell=bash
 
 s3_was_running=false
@@ -18,6 +19,8 @@ stop_test_services() {
 start_test_services() {
     echo "==> installing ONNX Runtime 1.31.1"
     scripts/setup-ort.sh
+    echo "==> the model tools' Python environment (.tools/py)"
+    scripts/py-env.sh
 
     if scripts/s3-server.sh status >/dev/null 2>&1; then
         s3_was_running=true
@@ -37,6 +40,7 @@ start_test_services() {
     scripts/rabbitmq.sh ensure
 
     export ORT_DYLIB_PATH="$PWD/.tools/ort/libonnxruntime.so.1.31.1"
+    export RETOUCHER_TEST_PYTHON="$PWD/.tools/py/bin/python"
     # shellcheck source=/dev/null
     source "$PWD/.tools/s3/credentials.env"
     export RETOUCHER_TEST_AMQP_URL="${RETOUCHER_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
