@@ -11,43 +11,68 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use image::{GrayImage, Rgb, RgbImage};
+use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::agents::Agents;
+use crate::agents::{Agents, ModelRole};
+use crate::app::{self, StorageKind};
 use crate::bundle::Bundle;
 use crate::config::{BatchingOverride, Settings};
 use crate::cputime::{CpuDelta, CpuSample};
-use crate::engine::batcher::{BatchObserver, BatchRecord, Batcher};
-use crate::engine::{OnnxModel, TensorData};
+use crate::engine::batcher::{BatchObserver, BatchRecord};
 use crate::error::{ErrorClass, JobError};
 use crate::execute::{Executor, JobSpec};
 use crate::job::JobOptions;
 use crate::metrics::BatchMetrics;
 use crate::storage::{Location, Storage};
 
-/// Models whose batching `--max-batch-size` overrides.
-pub const MODELS: &[&str] = &["perception", "classifier", "inpaint"];
-
-#[derive(Debug, Clone)]
+/// What to measure (the `bench` command's flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
+    /// Jobs to run.
+    #[arg(long, default_value_t = 200)]
     pub jobs: usize,
+    /// Jobs in flight at once.
+    #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Override every model's max_batch_size.
+    #[arg(long)]
     pub max_batch_size: Option<usize>,
+    /// Override every model's max_delay_ms.
+    #[arg(long)]
     pub max_delay_ms: Option<u64>,
+    /// Run the same load again with max_batch_size = 1 and report the ratio.
+    #[arg(long)]
     pub compare_batch_1: bool,
-    /// Side of the generated square images.
+    /// Side of the generated square images, in pixels.
+    #[arg(long, default_value_t = 512)]
     pub image_size: u32,
-    /// Share of generated images with painted magenta blemishes (the rest are clean).
+    /// Share of generated images with magenta blemishes (0..1).
+    #[arg(long, default_value_t = 0.5)]
     pub blemished: f32,
+    /// Seed of the generated images.
+    #[arg(skip = 42u64)]
     pub seed: u64,
     /// Batches per model in the model-only phase.
+    #[arg(long, default_value_t = 30)]
     pub model_only_batches: usize,
-    /// Go through the real broker and S3 (`broker.*`, `s3.*`): inputs are uploaded to the
-    /// first allowed bucket, jobs are published to the queue, an in-process worker consumes
-    /// them, and latency runs from publish to the `job.succeeded` event.
+    /// Go through the real broker and S3 (broker.*, s3.*: inputs go to the first allowed
+    /// bucket, results to s3.output) with an in-process worker, instead of local files.
+    #[arg(long)]
     pub through_broker: bool,
+}
+
+impl BenchOptions {
+    /// The options, checked and clamped to what can be measured.
+    pub fn checked(self) -> anyhow::Result<BenchOptions> {
+        anyhow::ensure!(self.jobs > 0, "--jobs must be at least 1");
+        anyhow::ensure!(self.image_size >= 64, "--image-size must be at least 64");
+        Ok(BenchOptions {
+            blemished: self.blemished.clamp(0.0, 1.0),
+            ..self
+        })
+    }
 }
 
 /// Per-model figures of one run.
@@ -237,8 +262,8 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
     let mut runs = Vec::new();
 
     let mut batching = settings.batching.clone();
-    for model in MODELS {
-        let entry = batching.entry(model.to_string()).or_default();
+    for role in ModelRole::ALL {
+        let entry = batching.entry(role.as_str().to_string()).or_default();
         if options.max_batch_size.is_some() {
             entry.max_batch_size = options.max_batch_size;
         }
@@ -246,22 +271,12 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
             entry.max_delay_ms = options.max_delay_ms;
         }
     }
-    runs.push(
-        run_load(
-            "dynamic", settings, &bundle, &batching, options, &inputs, &work,
-        )
-        .await?,
-    );
+    runs.push(run_load("dynamic", settings, &batching, options, &inputs, &work).await?);
     if options.compare_batch_1 {
         for entry in batching.values_mut() {
             entry.max_batch_size = Some(1);
         }
-        runs.push(
-            run_load(
-                "batch-1", settings, &bundle, &batching, options, &inputs, &work,
-            )
-            .await?,
-        );
+        runs.push(run_load("batch-1", settings, &batching, options, &inputs, &work).await?);
     }
     let _ = std::fs::remove_dir_all(&work);
     let dynamic_over_batch_1 = (runs.len() == 2 && runs[1].jobs_per_s > 0.0)
@@ -307,21 +322,17 @@ fn write_inputs(
 async fn run_load(
     label: &str,
     settings: &Settings,
-    bundle: &Bundle,
     batching: &BTreeMap<String, BatchingOverride>,
     options: &BenchOptions,
     inputs: &[std::path::PathBuf],
     work: &std::path::Path,
 ) -> anyhow::Result<RunReport> {
     let recorder = Arc::new(Recorder::default());
-    let engine = crate::engine::EngineOptions::from_settings(&settings.models)?;
-    let agents = Arc::new(Agents::load(
-        bundle.clone(),
-        &engine,
-        batching,
-        recorder.clone(),
-    )?);
-    agents.warm_up().await?;
+    let settings = &Settings {
+        batching: batching.clone(),
+        ..settings.clone()
+    };
+    let agents = app::agents(settings, recorder.clone()).await?;
     recorder.take(); // warm-up batches are not part of the run
     let out = work.join(label);
     let total = options.jobs;
@@ -338,11 +349,7 @@ async fn run_load(
         (latencies, stages, failed) =
             through_broker(label, settings, agents.clone(), options, inputs).await?;
     } else {
-        let executor = Executor {
-            agents: agents.clone(),
-            storage: Storage::local(),
-            limits: settings.limits.clone(),
-        };
+        let executor = Executor::new(agents.clone(), Storage::local(), settings.limits.clone());
         let mut stream = futures_util::stream::iter((0..total).map(|i| {
             let executor = executor.clone();
             let job = JobSpec {
@@ -418,21 +425,17 @@ async fn run_load(
         stats.mean_batch_size = stats.items as f64 / stats.batches.max(1) as f64;
         stats.items_per_job = stats.items as f64 / completed;
         stats.mean_inference_ms = stats.total_inference_ms / stats.batches.max(1) as f64;
-        stats.max_batch_size = max_batch_size(&agents, name);
+        stats.max_batch_size = agents
+            .served()
+            .into_iter()
+            .find(|m| m.role.as_str() == name)
+            .map_or(1, |m| m.max_batch_size);
     }
     eprintln!("[{label}] model-only phase");
     let mut model_only_seconds_per_job = 0.0;
     for (name, stats) in models.iter_mut() {
         let b = (stats.mean_batch_size.round() as usize).clamp(1, stats.max_batch_size.max(1));
-        let per_s = model_only(
-            &agents,
-            &recorder,
-            name,
-            b,
-            options.model_only_batches,
-            options.image_size,
-        )
-        .await?;
+        let per_s = model_only(&agents, &recorder, name, b, options.model_only_batches).await?;
         stats.model_only_items_per_s = per_s;
         stats.model_only_batch_size = b;
         if per_s > 0.0 {
@@ -470,19 +473,6 @@ async fn run_load(
     })
 }
 
-fn max_batch_size(agents: &Agents, model: &str) -> usize {
-    match model {
-        "perception" => agents.perception.max_batch_size,
-        "classifier" => agents.reasoning.max_batch_size,
-        "inpaint" => agents
-            .action
-            .inpaint()
-            .map(|t| t.max_batch_size)
-            .unwrap_or(1),
-        _ => 1,
-    }
-}
-
 /// Items/s of one model's session fed a ready request in waves of `batch` concurrent copies.
 /// Only the time inside the model thread counts (stacking the tensors, the session call,
 /// splitting the output), so batch assembly delays do not lower the ceiling.
@@ -492,40 +482,15 @@ async fn model_only(
     model: &str,
     batch: usize,
     batches: usize,
-    image_size: u32,
 ) -> anyhow::Result<f64> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let image = synthetic_image(image_size, 1, &mut rng);
-    let mut mask = GrayImage::new(image_size, image_size);
-    let side = image_size / 8;
-    for y in side..2 * side {
-        for x in side..2 * side {
-            mask.put_pixel(x, y, image::Luma([255]));
-        }
-    }
-    let (batcher, request): (&Batcher<OnnxModel>, Vec<TensorData>) = match model {
-        "perception" => {
-            let tokens = agents
-                .perception
-                .tokenize("a photo")
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            (
-                agents.perception.batcher(),
-                agents.perception.request(&image, &tokens),
-            )
-        }
-        "classifier" => (
-            agents.reasoning.batcher(),
-            agents
-                .reasoning
-                .request(&image, &mask, [side, side, side, side]),
-        ),
-        "inpaint" => match agents.action.inpaint() {
-            Some(tool) => (tool.batcher(), tool.request(&image, &mask)),
-            None => return Ok(0.0),
-        },
-        _ => return Ok(0.0),
+    let Some(served) = agents
+        .served()
+        .into_iter()
+        .find(|m| m.role.as_str() == model)
+    else {
+        return Ok(0.0);
     };
+    let (batcher, request) = (&served.batcher, &served.probe);
     let wave = || {
         let calls = (0..batch).map(|_| batcher.submit(request.clone()));
         futures_util::future::join_all(calls)
@@ -576,7 +541,7 @@ async fn through_broker(
         !settings.s3.output.is_empty(),
         "--through-broker needs s3.output (where the results go)"
     );
-    let storage = crate::worker::s3_storage(settings).await?;
+    let storage = app::storage(settings, StorageKind::S3).await?;
     let run = format!("bench-{}-{label}", std::process::id());
     let mut uris = Vec::new();
     for (i, path) in inputs.iter().enumerate() {
@@ -629,11 +594,7 @@ async fn through_broker(
     let mut worker_settings = settings.clone();
     worker_settings.worker.max_inflight = options.concurrency.max(1);
     worker_settings.broker.prefetch = options.concurrency.clamp(1, u16::MAX as usize) as u16;
-    let executor = Executor {
-        agents,
-        storage: storage.clone(),
-        limits: settings.limits.clone(),
-    };
+    let executor = Executor::new(agents, storage.clone(), settings.limits.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let readiness = Arc::new(crate::metrics::Readiness::default());
     let worker = tokio::spawn(crate::worker::consume(

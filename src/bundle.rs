@@ -11,6 +11,8 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::agents::action::ToolName;
+
 /// A parsed, verified bundle.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -56,14 +58,40 @@ pub struct PerceptionSpec {
     pub max_tokens: usize,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Encode prompts with the tokenizer's post-processor (its special tokens). Default on.
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+    /// The text encoder's pad id; default: the tokenizer's (see [`crate::agents::text`]).
+    #[serde(default)]
+    pub pad_id: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How reasoning finds and explains regions (`reasoning.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReasoningMode {
+    /// Connected regions of the saliency map, each classified by a small model.
+    Regions,
+    /// A vision-language model looks at the image and writes the regions.
+    Vlm,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ReasoningSpec {
-    pub mode: String,
-    pub classifier: String,
-    pub input_size: u32,
+    pub mode: ReasoningMode,
+    /// The region classifier (`regions` mode).
+    #[serde(default)]
+    pub classifier: Option<String>,
+    /// C: the classifier's input size.
+    #[serde(default)]
+    pub input_size: Option<u32>,
+    #[serde(default = "zeros")]
     pub mean: [f32; 3],
+    #[serde(default = "ones")]
     pub std: [f32; 3],
     pub min_region_pixels: u32,
     pub dilate_pixels: u32,
@@ -72,38 +100,25 @@ pub struct ReasoningSpec {
     pub context: f32,
 }
 
+fn zeros() -> [f32; 3] {
+    [0.0; 3]
+}
+
+fn ones() -> [f32; 3] {
+    [1.0; 3]
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct ActionSpec {
-    pub default_tool: String,
+    /// Tool for every category not in `routing`.
+    pub default_tool: ToolName,
+    /// Category → tool.
     #[serde(default)]
-    pub routing: BTreeMap<String, String>,
+    pub routing: BTreeMap<String, ToolName>,
+    /// `[action.tools.<name>]`: each tool's own table, read by the tool when it loads.
     #[serde(default)]
-    pub tools: ToolSpecs,
+    pub tools: BTreeMap<String, toml::Value>,
 }
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ToolSpecs {
-    #[serde(rename = "onnx-inpaint")]
-    pub onnx_inpaint: Option<OnnxInpaintSpec>,
-    pub patchmatch: Option<PatchMatchSpec>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct OnnxInpaintSpec {
-    pub model: String,
-    pub input_size: u32,
-    pub output_range: [f32; 2],
-    pub context: f32,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct PatchMatchSpec {
-    pub patch_size: u32,
-    pub iterations: u32,
-}
-
-/// Names of the tools this build knows.
-pub const KNOWN_TOOLS: &[&str] = &["onnx-inpaint", "patchmatch"];
 
 impl Bundle {
     /// Reads `bundle.toml` from `root`, checks it is coherent, and verifies every file's sha256.
@@ -139,52 +154,15 @@ impl Bundle {
         if m.taxonomy.categories.is_empty() {
             bail!("bundle taxonomy has no categories");
         }
-        if m.reasoning.mode != "regions" {
-            bail!(
-                "reasoning mode {:?} is not supported by this build (supported: \"regions\")",
-                m.reasoning.mode
-            );
-        }
-        let tools = m
-            .action
-            .routing
-            .values()
-            .chain(std::iter::once(&m.action.default_tool));
-        for tool in tools {
-            if !KNOWN_TOOLS.contains(&tool.as_str()) {
-                bail!("action routing names unknown tool {tool:?} (known: {KNOWN_TOOLS:?})");
-            }
-            if tool == "onnx-inpaint" && m.action.tools.onnx_inpaint.is_none() {
-                bail!(
-                    "action routing uses onnx-inpaint but [action.tools.onnx-inpaint] is missing"
-                );
-            }
+        for name in m.action.tools.keys() {
+            ToolName::parse(name).map_err(|e| anyhow::anyhow!("[action.tools.{name}]: {e}"))?;
         }
         for category in m.action.routing.keys() {
             if !m.taxonomy.categories.contains(category) {
                 bail!("action routing names category {category:?}, which is not in the taxonomy");
             }
         }
-        for file in self.referenced_files() {
-            if !m.files.contains_key(file) {
-                bail!("bundle file {file:?} has no sha256 in [files]");
-            }
-        }
         Ok(())
-    }
-
-    /// Files the manifest refers to (each must carry a checksum).
-    fn referenced_files(&self) -> Vec<&str> {
-        let m = &self.manifest;
-        let mut files = vec![
-            m.perception.model.as_str(),
-            m.perception.tokenizer.as_str(),
-            m.reasoning.classifier.as_str(),
-        ];
-        if let Some(t) = &m.action.tools.onnx_inpaint {
-            files.push(t.model.as_str());
-        }
-        files
     }
 
     fn verify_files(&self) -> anyhow::Result<()> {
@@ -207,8 +185,16 @@ impl Bundle {
         Ok(())
     }
 
-    pub fn path(&self, file: &str) -> PathBuf {
-        self.root.join(file)
+    /// The path of a file the manifest refers to. It must have a checksum in `[files]`, so
+    /// that every file a model is loaded from was verified.
+    pub fn file(&self, file: &str) -> anyhow::Result<PathBuf> {
+        if !self.manifest.files.contains_key(file) {
+            bail!(
+                "bundle file {file:?} has no sha256 in [files] of {}",
+                self.root.join("bundle.toml").display()
+            );
+        }
+        Ok(self.root.join(file))
     }
 
     /// The checksum recorded for a file (verified at load).
@@ -221,12 +207,13 @@ impl Bundle {
     }
 
     /// The tool that repairs regions of a category.
-    pub fn tool_for(&self, category: &str) -> &str {
+    pub fn tool_for(&self, category: &str) -> ToolName {
         self.manifest
             .action
             .routing
             .get(category)
-            .unwrap_or(&self.manifest.action.default_tool)
+            .copied()
+            .unwrap_or(self.manifest.action.default_tool)
     }
 
     /// The description of a region, from the bundle's templates.
@@ -256,8 +243,8 @@ mod tests {
     fn reference_bundle_loads_and_routes() {
         let bundle = Bundle::load(&reference()).unwrap();
         assert_eq!(bundle.manifest.taxonomy.categories.len(), 12);
-        assert_eq!(bundle.tool_for("hand"), "onnx-inpaint");
-        assert_eq!(bundle.tool_for("object"), "patchmatch");
+        assert_eq!(bundle.tool_for("hand").as_str(), "onnx-inpaint");
+        assert_eq!(bundle.tool_for("object").as_str(), "patchmatch");
         assert!(bundle.describe("hand", 0.9, 10).len() > 5);
     }
 

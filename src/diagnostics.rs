@@ -6,13 +6,46 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::agents::reasoning::Region;
 use crate::agents::ModelInfo;
+use crate::pipeline::{Iteration, StageTimings};
+
+/// How a job that succeeded turned out.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// At least one region was repaired.
+    Retouched,
+    /// Nothing was distorted (or nothing was edited): the input came back unchanged.
+    Clean,
+}
+
+impl JobStatus {
+    /// The name in `diagnostics.json`, events and the `retoucher_jobs_total` outcome.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Retouched => "retouched",
+            JobStatus::Clean => "clean",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobStatus> {
+        [JobStatus::Retouched, JobStatus::Clean]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Diagnostics {
     pub job_id: String,
-    /// `retouched` | `clean`.
-    pub status: String,
+    pub status: JobStatus,
     pub attempt: u32,
     pub input: InputInfo,
     pub output: OutputInfo,
@@ -51,7 +84,27 @@ pub struct IterationInfo {
     pub index: usize,
     pub saliency: SaliencyInfo,
     pub regions: Vec<RegionInfo>,
-    pub timings_ms: IterationTimings,
+    pub timings_ms: StageTimings,
+}
+
+impl From<&Iteration> for IterationInfo {
+    fn from(it: &Iteration) -> Self {
+        IterationInfo {
+            index: it.index,
+            saliency: SaliencyInfo {
+                max: it.saliency.max,
+                mean: it.saliency.mean,
+                area_above_threshold: it.saliency.area_above_threshold,
+                map: layout::saliency(it.index),
+            },
+            regions: it
+                .regions
+                .iter()
+                .map(|r| RegionInfo::of(it.index, r))
+                .collect(),
+            timings_ms: it.timings_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,11 +128,19 @@ pub struct RegionInfo {
     pub mask: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct IterationTimings {
-    pub perception: f64,
-    pub reasoning: f64,
-    pub action: f64,
+impl RegionInfo {
+    /// The record of region `region`, repaired in iteration `iteration`.
+    pub fn of(iteration: usize, region: &Region) -> RegionInfo {
+        RegionInfo {
+            id: region.id,
+            category: region.category.clone(),
+            bbox: region.bbox,
+            score: region.score,
+            description: region.description.clone(),
+            tool: region.tool.as_str().to_string(),
+            mask: layout::mask(iteration, region.id),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

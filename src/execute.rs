@@ -14,8 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::agents::Agents;
 use crate::config::Limits;
 use crate::diagnostics::{
-    layout, Diagnostics, InputInfo, IterationInfo, IterationTimings, JobTimings, LoopInfo,
-    OutputInfo, RegionInfo, SaliencyInfo, WorkerInfo,
+    layout, Diagnostics, InputInfo, JobStatus, JobTimings, LoopInfo, OutputInfo, WorkerInfo,
 };
 use crate::error::{ErrorClass, JobError};
 use crate::faults::{self, FaultPoint};
@@ -56,8 +55,8 @@ pub struct JobReport {
 }
 
 impl JobReport {
-    pub fn status(&self) -> &str {
-        &self.diagnostics.status
+    pub fn status(&self) -> JobStatus {
+        self.diagnostics.status
     }
     pub fn iterations(&self) -> usize {
         self.diagnostics.iterations.len()
@@ -69,6 +68,14 @@ fn ms(since: Instant) -> f64 {
 }
 
 impl Executor {
+    pub fn new(agents: Arc<Agents>, storage: Storage, limits: Limits) -> Executor {
+        Executor {
+            agents,
+            storage,
+            limits,
+        }
+    }
+
     /// The loop settings for a job: the bundle's defaults with the job's overrides.
     pub fn loop_settings(&self, options: &JobOptions) -> LoopSettings {
         let defaults = self.agents.bundle.manifest.defaults;
@@ -134,7 +141,14 @@ impl Executor {
         let (width, height) = decoded.rgb.dimensions();
 
         let settings = self.loop_settings(&job.options);
-        let result = pipeline::retouch(&self.agents, decoded.rgb, &job.prompt, settings).await?;
+        let result = pipeline::retouch(
+            &self.agents,
+            decoded.rgb,
+            &job.job_id,
+            &job.prompt,
+            settings,
+        )
+        .await?;
         timings.perception = result.timings_ms.perception;
         timings.reasoning = result.timings_ms.reasoning;
         timings.action = result.timings_ms.action;
@@ -193,9 +207,9 @@ impl Executor {
             put?;
         }
         let status = if result.edited() {
-            "retouched"
+            JobStatus::Retouched
         } else {
-            "clean"
+            JobStatus::Clean
         };
         for it in &result.iterations {
             for region in &it.regions {
@@ -209,7 +223,7 @@ impl Executor {
         timings.total = ms(started) + job.queue_ms;
         let diagnostics = Diagnostics {
             job_id: job.job_id.clone(),
-            status: status.to_string(),
+            status,
             attempt: job.attempt,
             input: InputInfo {
                 uri: job.image.to_string(),
@@ -225,37 +239,7 @@ impl Executor {
                 max_iterations: settings.max_iterations,
                 saliency_threshold: settings.saliency_threshold,
             },
-            iterations: result
-                .iterations
-                .iter()
-                .map(|it| IterationInfo {
-                    index: it.index,
-                    saliency: SaliencyInfo {
-                        max: it.saliency.max,
-                        mean: it.saliency.mean,
-                        area_above_threshold: it.saliency.area_above_threshold,
-                        map: layout::saliency(it.index),
-                    },
-                    regions: it
-                        .regions
-                        .iter()
-                        .map(|r| RegionInfo {
-                            id: r.id,
-                            category: r.category.clone(),
-                            bbox: r.bbox,
-                            score: r.score,
-                            description: r.description.clone(),
-                            tool: r.tool.clone(),
-                            mask: layout::mask(it.index, r.id),
-                        })
-                        .collect(),
-                    timings_ms: IterationTimings {
-                        perception: it.timings_ms.perception,
-                        reasoning: it.timings_ms.reasoning,
-                        action: it.timings_ms.action,
-                    },
-                })
-                .collect(),
+            iterations: result.iterations.iter().map(Into::into).collect(),
             models: self
                 .agents
                 .models()

@@ -4,12 +4,15 @@
 //! the perception → reasoning → action loop ([`pipeline`]) runs three ONNX Runtime-backed
 //! agents ([`agents`]) whose sessions are shared across jobs through dynamic batchers
 //! ([`engine::batcher`]). [`execute`] runs one job end to end for both the worker and the
-//! local `run` command ([`run`]).
+//! local `run` command ([`run`]); [`app`] assembles the process for every command of the
+//! command line ([`cli`]).
 
 pub mod agents;
+pub mod app;
 pub mod bench;
 pub mod broker;
 pub mod bundle;
+pub mod cli;
 pub mod config;
 pub mod cputime;
 pub mod diagnostics;

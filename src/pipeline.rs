@@ -7,8 +7,9 @@
 use std::time::Instant;
 
 use image::{GrayImage, RgbImage};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::agents::action::JobContext;
 use crate::agents::reasoning::Region;
 use crate::agents::Agents;
 use crate::error::JobError;
@@ -42,7 +43,8 @@ pub struct Iteration {
     pub timings_ms: StageTimings,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+/// Milliseconds spent in each agent.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct StageTimings {
     pub perception: f64,
     pub reasoning: f64,
@@ -88,10 +90,11 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-/// Runs the perception → reasoning → action loop on one image.
+/// Runs the perception → reasoning → action loop on one image of job `job_id`.
 pub async fn retouch(
     agents: &Agents,
     image: RgbImage,
+    job_id: &str,
     prompt: &str,
     settings: LoopSettings,
 ) -> Result<Retouched, JobError> {
@@ -123,7 +126,12 @@ pub async fn retouch(
         };
         if !regions.is_empty() {
             let started = Instant::now();
-            image = agents.action.apply(&image, &regions).await?;
+            let job = JobContext {
+                job_id,
+                prompt,
+                iteration: index,
+            };
+            image = agents.action.apply(&image, &regions, job).await?;
             timings.action = ms(started);
         }
         total.add(&timings);

@@ -321,7 +321,7 @@ fn contact_sheet(lines: &[JobLine], rejected: &[(String, String)]) -> String {
                 let d = &report.diagnostics;
                 html.push_str(&format!(
                     "<span class=\"{0}\">{0}</span></h2>\n<p><em>{1}</em></p>\n<div class=\"row\">",
-                    escape(&d.status),
+                    d.status.as_str(),
                     escape(&line.prompt)
                 ));
                 if let Some(input) = &line.input_name {

@@ -34,15 +34,14 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::agents::Agents;
-use crate::broker::{self, Event, EventError, Publisher, RetryDecision, RetryPolicy};
-use crate::bundle::Bundle;
+use crate::app::{self, StorageKind};
+use crate::broker::{self, Event, EventError, EventStatus, Publisher, RetryDecision, RetryPolicy};
 use crate::config::Settings;
 use crate::error::{ErrorClass, JobError};
 use crate::execute::{Executor, JobReport, JobSpec};
 use crate::job::JobMessage;
 use crate::metrics::{self, metrics, BatchMetrics, Readiness};
-use crate::storage::{Location, S3Settings, Storage};
+use crate::storage::{Location, Storage};
 
 /// Everything a job task needs.
 struct Shared {
@@ -59,34 +58,6 @@ enum Outcome {
     /// and its `job.succeeded` published again, since the first one may never have gone out.
     AlreadyDone(Box<crate::diagnostics::Diagnostics>),
     Failed(JobError),
-}
-
-/// Loads the bundle, starts the agents' batchers and warms every model up.
-pub async fn load_agents(settings: &Settings) -> anyhow::Result<Arc<Agents>> {
-    let bundle = Bundle::load(&settings.models.bundle)?;
-    let engine = crate::engine::EngineOptions::from_settings(&settings.models)?;
-    let agents = Agents::load(bundle, &engine, &settings.batching, Arc::new(BatchMetrics))?;
-    agents.warm_up().await?;
-    Ok(Arc::new(agents))
-}
-
-/// S3 storage from the settings, counting requests in the metrics.
-pub async fn s3_storage(settings: &Settings) -> anyhow::Result<Storage> {
-    let s3 = S3Settings {
-        endpoint: settings.s3.endpoint.clone(),
-        region: settings.s3.region.clone(),
-        force_path_style: settings.s3.force_path_style,
-        allowed_buckets: settings.s3.allowed_buckets.clone(),
-    };
-    let storage = Storage::s3_tuned(&s3, &settings.s3.tuning())
-        .await
-        .map_err(|e| anyhow::anyhow!("configuring S3: {e}"))?;
-    Ok(storage.with_observer(Arc::new(|op, outcome| {
-        metrics()
-            .s3_requests_total
-            .with_label_values(&[op, outcome])
-            .inc();
-    })))
 }
 
 /// Resolves and authorises a job's locations: the input, and `{output}{job_id}/`.
@@ -129,13 +100,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness::default());
     metrics::serve(&settings.metrics.listen, readiness.clone()).await?;
 
-    let agents = load_agents(&settings)
-        .await
-        .context("loading the model bundle")?;
+    let agents = app::agents(&settings, Arc::new(BatchMetrics)).await?;
     readiness.models.store(true, Ordering::Relaxed);
     info!(bundle = %settings.models.bundle.display(), device = %settings.models.device, "models loaded and warmed up");
 
-    let storage = s3_storage(&settings).await?;
+    let storage = app::storage(&settings, StorageKind::S3).await?;
     spawn_storage_probe(storage.clone(), readiness.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -145,11 +114,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let executor = Executor {
-        agents,
-        storage,
-        limits: settings.limits.clone(),
-    };
+    let executor = Executor::new(agents, storage, settings.limits.clone());
     let result = consume(settings, executor, readiness.clone(), stop_rx).await;
     readiness.draining.store(true, Ordering::Relaxed);
     result
@@ -443,10 +408,10 @@ async fn settle(
             ack(delivery).await;
             metrics()
                 .jobs_total
-                .with_label_values(&[report.status()])
+                .with_label_values(&[report.status().as_str()])
                 .inc();
             info!(
-                status = report.status(),
+                status = %report.status(),
                 regions = report.regions,
                 iterations = report.iterations(),
                 duration_ms,
@@ -557,7 +522,7 @@ async fn retry(
         delay_queue,
         "transient failure: retrying later"
     );
-    let event = failure_event(&failure, "retrying", &error);
+    let event = failure_event(&failure, EventStatus::Retrying, &error);
     if let Err(e) = shared.publisher.publish_event(&event).await {
         // Best effort: the retry is scheduled, which is what matters to the job.
         warn!(error = %e, "publishing job.retrying failed");
@@ -586,7 +551,7 @@ async fn dead_letter(shared: &Shared, delivery: &Delivery, failure: Failure<'_>,
         requeue(delivery).await;
         return;
     }
-    let event = failure_event(&failure, "failed", &error);
+    let event = failure_event(&failure, EventStatus::Failed, &error);
     if let Err(e) = shared.publisher.publish_event(&event).await {
         warn!(error = %e, "publishing job.failed failed");
     }
@@ -595,10 +560,10 @@ async fn dead_letter(shared: &Shared, delivery: &Delivery, failure: Failure<'_>,
 }
 
 /// `job.retrying` (`attempt` is the attempt that failed) or `job.failed`.
-fn failure_event(failure: &Failure<'_>, status: &str, error: &JobError) -> Event {
+fn failure_event(failure: &Failure<'_>, status: EventStatus, error: &JobError) -> Event {
     Event {
         job_id: failure.job_id.to_string(),
-        status: status.to_string(),
+        status,
         output: None,
         attempt: failure.attempt,
         iterations: 0,
@@ -622,7 +587,7 @@ fn success_event(
 ) -> Event {
     Event {
         job_id: job_id.to_string(),
-        status: diagnostics.status.clone(),
+        status: diagnostics.status.into(),
         output: Some(diagnostics.output.uri.clone()),
         attempt,
         iterations: diagnostics.iterations.len() as u32,

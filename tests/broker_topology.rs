@@ -21,7 +21,7 @@ use retoucher::{
     broker::{
         self,
         topology::{self, marker_exchange},
-        BrokerError, Event, EventError, Publisher,
+        BrokerError, Event, EventError, EventStatus, Publisher,
     },
     enqueue::enqueue,
     error::{ErrorClass, JobError},
@@ -542,7 +542,7 @@ async fn events_are_routed_by_status() {
         let publisher = Publisher::new(&conn).await.expect("publisher");
         let event = Event {
             job_id: format!("{queue}-job"),
-            status: "failed".into(),
+            status: EventStatus::Failed,
             output: None,
             attempt: 3,
             iterations: 0,
@@ -559,7 +559,7 @@ async fn events_are_routed_by_status() {
             .await
             .expect("publish event");
         let succeeded = Event {
-            status: "retouched".into(),
+            status: EventStatus::Retouched,
             output: Some("s3://out/x/".into()),
             error: None,
             ..event.clone()
@@ -587,7 +587,7 @@ async fn events_are_routed_by_status() {
             .require_routable_events(true);
         let unheard = Event {
             job_id: format!("{queue}-unheard"),
-            status: "retrying".into(),
+            status: EventStatus::Retrying,
             ..event.clone()
         };
         // Other test runs may have subscribers on this vhost; only assert when none is bound.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::{cpu_engine, thread_names};
-use retoucher::agents::{warm_up_sizes, Agents};
+use retoucher::agents::{warm_up_sizes, Agents, ModelRole};
 use retoucher::bundle::Bundle;
 use retoucher::engine::batcher::{BatchObserver, BatchRecord};
 use retoucher::engine::load_session;
@@ -68,17 +68,18 @@ async fn warm_up_runs_each_size_as_one_batch() {
     let options = cpu_engine(1);
     let sizes = Arc::new(Sizes::default());
     let agents = Agents::load(bundle, &options, &BTreeMap::new(), sizes.clone()).unwrap();
-    let max = agents.perception.max_batch_size;
+    let max = agents.perception.served().max_batch_size;
     assert!(max >= 2, "the reference bundle batches perception");
+    let classifier = agents.model(ModelRole::Classifier).unwrap().max_batch_size;
 
     // On the CPU: one full batch per model.
     agents.warm_up().await.unwrap();
     let seen = std::mem::take(&mut *sizes.0.lock().unwrap());
     assert_eq!(seen["perception"], vec![max], "{seen:?}");
-    assert_eq!(seen["classifier"], vec![agents.reasoning.max_batch_size]);
+    assert_eq!(seen["classifier"], vec![classifier]);
 
     // Every size, as on a GPU: each wave is one batch of exactly that size.
-    agents.perception.warm_up(true).await.unwrap();
+    agents.perception.served().warm_up(true).await.unwrap();
     let seen = std::mem::take(&mut *sizes.0.lock().unwrap());
     assert_eq!(seen["perception"], warm_up_sizes(max, true), "{seen:?}");
 }

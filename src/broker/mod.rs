@@ -12,7 +12,7 @@ pub mod retry;
 pub mod topology;
 
 pub use connection::{close, connect, connect_with_retry, redact};
-pub use publisher::{Event, EventError, Publisher};
+pub use publisher::{Event, EventError, EventStatus, Publisher};
 pub use retry::{attempt_of, RetryDecision, RetryPolicy, ATTEMPT_HEADER};
 pub use topology::{migrate, migrate_to, verify, MigrationReport};
 

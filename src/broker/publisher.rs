@@ -23,6 +23,7 @@ use super::retry::{retry_headers, ATTEMPT_HEADER, DELIVERY_COUNT_HEADER};
 use super::{
     dead_letter_queue, short_string, BrokerError, ERROR_CLASS_HEADER, ERROR_HEADER, EVENTS_EXCHANGE,
 };
+use crate::diagnostics::JobStatus;
 use crate::error::{ErrorClass, JobError};
 
 /// AMQP delivery mode that makes the broker write the message to disk.
@@ -37,8 +38,7 @@ const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Event {
     pub job_id: String,
-    /// `retouched` | `clean` | `retrying` | `failed`.
-    pub status: String,
+    pub status: EventStatus,
     /// Where the results are (`s3://bucket/prefix/job_id/`), when there are any.
     pub output: Option<String>,
     pub attempt: u32,
@@ -58,15 +58,33 @@ pub struct EventError {
     pub message: String,
 }
 
+/// What an event reports: a success ([`JobStatus`]), a retry or a final failure.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    Retouched,
+    Clean,
+    Retrying,
+    Failed,
+}
+
+impl From<JobStatus> for EventStatus {
+    fn from(status: JobStatus) -> Self {
+        match status {
+            JobStatus::Retouched => EventStatus::Retouched,
+            JobStatus::Clean => EventStatus::Clean,
+        }
+    }
+}
+
 impl Event {
     /// `job.succeeded` for `retouched` and `clean`, `job.retrying` for `retrying`, and
-    /// `job.failed` for `failed` — and for any status this version does not know, so that a
-    /// subscriber never mistakes an unknown outcome for a success.
+    /// `job.failed` for `failed`.
     pub fn routing_key(&self) -> &'static str {
-        match self.status.as_str() {
-            "retouched" | "clean" => "job.succeeded",
-            "retrying" => "job.retrying",
-            _ => "job.failed",
+        match self.status {
+            EventStatus::Retouched | EventStatus::Clean => "job.succeeded",
+            EventStatus::Retrying => "job.retrying",
+            EventStatus::Failed => "job.failed",
         }
     }
 }
@@ -354,7 +372,7 @@ mod tests {
     fn routing_keys_follow_status() {
         let mut event = Event {
             job_id: "j".into(),
-            status: "clean".into(),
+            status: EventStatus::Clean,
             output: None,
             attempt: 1,
             iterations: 0,
@@ -364,9 +382,11 @@ mod tests {
             metadata: None,
         };
         assert_eq!(event.routing_key(), "job.succeeded");
-        event.status = "retrying".into();
+        event.status = EventStatus::Retouched;
+        assert_eq!(event.routing_key(), "job.succeeded");
+        event.status = EventStatus::Retrying;
         assert_eq!(event.routing_key(), "job.retrying");
-        event.status = "surprise".into();
+        event.status = EventStatus::Failed;
         assert_eq!(event.routing_key(), "job.failed");
     }
 }

@@ -2,38 +2,59 @@
 //! public LaMa export (`image` [N,3,S,S] in [0,1], `mask` [N,1,S,S] with 1 = hole → `output`
 //! [N,3,S,S] in the bundle's `output_range`).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
+use futures_util::future::BoxFuture;
 use image::{GrayImage, RgbImage};
+use serde::Deserialize;
 
-use crate::agents::{batch_settings, ModelInfo};
-use crate::bundle::{Bundle, OnnxInpaintSpec};
-use crate::config::BatchingOverride;
-use crate::engine::batcher::{BatchObserver, Batcher};
-use crate::engine::{cpu_bound, load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
-use crate::error::{ErrorClass, JobError};
+use super::tool::{RepairInput, Tool, ToolEntry};
+use crate::agents::{LoadContext, ModelInfo, ModelRole, ServedModel};
+use crate::engine::{cpu_bound, InputSpec, OnnxModel, TensorData};
+use crate::error::JobError;
 use crate::imaging::{resample, to_chw};
 
+pub const ENTRY: ToolEntry = ToolEntry {
+    name: "onnx-inpaint",
+    load,
+};
+
+/// `[action.tools.onnx-inpaint]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxInpaintSpec {
+    /// The ONNX file.
+    pub model: String,
+    /// S: crop and mask are resized to S x S.
+    pub input_size: u32,
+    /// The model's output range; mapped to [0, 255] as (y - lo) / (hi - lo).
+    pub output_range: [f32; 2],
+    /// Crop = region bbox plus context x its width/height on each side.
+    pub context: f32,
+}
+
+fn load(ctx: &LoadContext, spec: Option<&toml::Value>) -> anyhow::Result<Box<dyn Tool>> {
+    let spec: OnnxInpaintSpec = spec
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the bundle routes to onnx-inpaint but has no [action.tools.onnx-inpaint] table"
+            )
+        })?
+        .clone()
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("[action.tools.onnx-inpaint]: {e}"))?;
+    Ok(Box::new(OnnxInpaint::load(ctx, spec)?))
+}
+
 pub struct OnnxInpaint {
-    batcher: Batcher<OnnxModel>,
+    model: ServedModel,
     spec: OnnxInpaintSpec,
-    pub info: ModelInfo,
-    pub max_batch_size: usize,
+    info: ModelInfo,
 }
 
 impl OnnxInpaint {
-    pub fn load(
-        bundle: &Bundle,
-        spec: &OnnxInpaintSpec,
-        engine: &EngineOptions,
-        batching: &BTreeMap<String, BatchingOverride>,
-        observer: Arc<dyn BatchObserver>,
-    ) -> anyhow::Result<OnnxInpaint> {
-        let session = load_session(&bundle.path(&spec.model), engine)?;
+    pub fn load(ctx: &LoadContext, spec: OnnxInpaintSpec) -> anyhow::Result<OnnxInpaint> {
         let s = i64::from(spec.input_size);
         let model = OnnxModel::new(
-            session,
+            ctx.session(&spec.model)?,
             vec![
                 InputSpec {
                     name: "image".into(),
@@ -47,24 +68,18 @@ impl OnnxInpaint {
             "output",
             &spec.model,
         )?;
-        let mut settings = batch_settings("inpaint", bundle, batching);
-        if !model.dynamic_batch {
-            settings.max_batch_size = 1;
-        }
-        Ok(OnnxInpaint {
-            batcher: Batcher::spawn("inpaint", model, settings, observer),
-            spec: spec.clone(),
-            info: ModelInfo::of(bundle, &spec.model),
-            max_batch_size: settings.max_batch_size,
-        })
-    }
-
-    pub fn batcher(&self) -> &Batcher<OnnxModel> {
-        &self.batcher
-    }
-
-    pub fn context(&self) -> f32 {
-        self.spec.context
+        let size = spec.input_size;
+        let plane = (size * size) as usize;
+        let mut tool = OnnxInpaint {
+            model: ctx.serve(ModelRole::Inpaint, model, Vec::new(), 3 * plane),
+            info: ctx.info(&spec.model),
+            spec,
+        };
+        let crop = RgbImage::new(size, size);
+        let mut hole = GrayImage::new(size, size);
+        hole.put_pixel(size / 2, size / 2, image::Luma([255]));
+        tool.model.probe = tool.request(&crop, &hole);
+        Ok(tool)
     }
 
     /// The model input for a crop and its hole (255 = fill).
@@ -90,23 +105,8 @@ impl OnnxInpaint {
         width: u32,
         height: u32,
     ) -> Result<RgbImage, JobError> {
-        let s = self.spec.input_size;
-        let output = self
-            .batcher
-            .submit(request)
-            .await
-            .map_err(|e| JobError::new(ErrorClass::ModelError, e.to_string()))?;
-        let plane = (s * s) as usize;
-        if output.len() != 3 * plane {
-            return Err(JobError::new(
-                ErrorClass::ModelError,
-                format!(
-                    "inpainting returned {} values, expected {}",
-                    output.len(),
-                    3 * plane
-                ),
-            ));
-        }
+        // The batcher checked the output's length (3 x S x S).
+        let output = self.model.submit(request).await?;
         Ok(cpu_bound(|| self.to_image(&output, width, height)))
     }
 
@@ -127,15 +127,26 @@ impl OnnxInpaint {
         }
         RgbImage::from_raw(width, height, raw).unwrap_or_else(|| RgbImage::new(width, height))
     }
+}
 
-    pub async fn warm_up(&self, every_size: bool) -> anyhow::Result<()> {
-        let s = self.spec.input_size;
-        let crop = RgbImage::new(s, s);
-        let mut hole = GrayImage::new(s, s);
-        hole.put_pixel(s / 2, s / 2, image::Luma([255]));
-        let request = self.request(&crop, &hole);
-        let sizes = crate::agents::warm_up_sizes(self.max_batch_size, every_size);
-        let plane = (s * s) as usize;
-        crate::agents::warm_batcher(&self.batcher, &request, &sizes, 3 * plane).await
+impl Tool for OnnxInpaint {
+    fn context(&self) -> f32 {
+        self.spec.context
+    }
+
+    fn repair<'a>(&'a self, input: RepairInput<'a>) -> BoxFuture<'a, Result<RgbImage, JobError>> {
+        Box::pin(async move {
+            let request = cpu_bound(|| self.request(&input.crop, &input.hole));
+            self.fill(request, input.crop.width(), input.crop.height())
+                .await
+        })
+    }
+
+    fn served(&self) -> Vec<&ServedModel> {
+        vec![&self.model]
+    }
+
+    fn info(&self) -> Option<&ModelInfo> {
+        Some(&self.info)
     }
 }

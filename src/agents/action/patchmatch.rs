@@ -2,11 +2,114 @@
 //! Barnes et al. 2009, driving Wexler et al. 2007's multi-scale EM completion). It needs no
 //! weights, so every bundle has a working inpainting tool, and it runs on the CPU.
 
-use image::RgbImage;
+use futures_util::future::BoxFuture;
+use image::{imageops, GrayImage, RgbImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::Deserialize;
 
+use super::tool::{RepairInput, Tool, ToolEntry};
+use crate::agents::LoadContext;
+use crate::error::{ErrorClass, JobError};
 use crate::imaging::MASK_INSIDE;
+
+pub const ENTRY: ToolEntry = ToolEntry {
+    name: "patchmatch",
+    load,
+};
+
+/// Crops larger than this (long side) are repaired at reduced scale, since the cost grows with
+/// the hole's area.
+const MAX_SIDE: u32 = 320;
+
+/// `[action.tools.patchmatch]` (optional: every bundle has the tool).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchMatchSpec {
+    #[serde(default = "default_patch_size")]
+    pub patch_size: u32,
+    #[serde(default = "default_iterations")]
+    pub iterations: u32,
+}
+
+fn default_patch_size() -> u32 {
+    PatchMatchParams::default().patch_size
+}
+
+fn default_iterations() -> u32 {
+    PatchMatchParams::default().iterations
+}
+
+fn load(ctx: &LoadContext, spec: Option<&toml::Value>) -> anyhow::Result<Box<dyn Tool>> {
+    let spec: PatchMatchSpec = match spec {
+        Some(table) => table
+            .clone()
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("[action.tools.patchmatch]: {e}"))?,
+        None => PatchMatchSpec {
+            patch_size: default_patch_size(),
+            iterations: default_iterations(),
+        },
+    };
+    Ok(Box::new(PatchMatchTool {
+        spec,
+        // Exemplars come from around the hole: at least half the region's size of context.
+        context: ctx.bundle.manifest.reasoning.context.max(0.5),
+    }))
+}
+
+/// The tool: [`fill`] on the crop, off the async threads.
+struct PatchMatchTool {
+    spec: PatchMatchSpec,
+    context: f32,
+}
+
+impl Tool for PatchMatchTool {
+    fn context(&self) -> f32 {
+        self.context
+    }
+
+    fn repair<'a>(&'a self, input: RepairInput<'a>) -> BoxFuture<'a, Result<RgbImage, JobError>> {
+        let bbox = input.region.bbox;
+        let params = PatchMatchParams {
+            patch_size: self.spec.patch_size,
+            iterations: self.spec.iterations,
+            seed: u64::from(bbox[0]) << 32 | u64::from(bbox[1]),
+        };
+        let RepairInput { crop, hole, .. } = input;
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || fill_scaled(&crop, &hole, &params))
+                .await
+                .map_err(|e| JobError::new(ErrorClass::Internal, format!("patchmatch: {e}")))
+        })
+    }
+}
+
+/// [`fill`] at a bounded working size: large crops are filled at reduced scale and the fill is
+/// scaled back (only hole pixels are used from it).
+fn fill_scaled(crop: &RgbImage, hole: &GrayImage, params: &PatchMatchParams) -> RgbImage {
+    let (w, h) = crop.dimensions();
+    let long = w.max(h);
+    if long <= MAX_SIDE {
+        return fill(crop, hole, params);
+    }
+    let scale = MAX_SIDE as f32 / long as f32;
+    let (sw, sh) = (
+        ((w as f32 * scale).round() as u32).max(1),
+        ((h as f32 * scale).round() as u32).max(1),
+    );
+    let small = imageops::resize(crop, sw, sh, imageops::FilterType::Triangle);
+    let small_hole = imageops::resize(hole, sw, sh, imageops::FilterType::Triangle);
+    let small_hole = GrayImage::from_fn(sw, sh, |x, y| {
+        image::Luma([if small_hole.get_pixel(x, y)[0] > 0 {
+            255
+        } else {
+            0
+        }])
+    });
+    let filled = fill(&small, &small_hole, params);
+    imageops::resize(&filled, w, h, imageops::FilterType::Triangle)
+}
 
 /// Tuning of [`fill`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +166,7 @@ const FINE_SEARCH_DIVISOR: i64 = 8;
 /// If no source patch fits anywhere (the hole covers almost everything), the hole is filled by
 /// diffusion from its border instead; if nothing at all lies outside the hole there is nothing
 /// to learn from, and the image is returned as it is. Never panics.
-pub fn fill(image: &RgbImage, hole: &image::GrayImage, params: &PatchMatchParams) -> RgbImage {
+pub fn fill(image: &RgbImage, hole: &GrayImage, params: &PatchMatchParams) -> RgbImage {
     let (w, h) = (image.width() as usize, image.height() as usize);
     let mask: Vec<bool> = (0..h)
         .flat_map(|y| {

@@ -1,89 +1,69 @@
-//! Reasoning agent, `regions` mode: saliency → connected regions → region classifier → one
+//! Reasoning's `regions` mode: saliency → connected regions → region classifier → one
 //! category of the bundle's taxonomy per region, with bbox, mask and a description.
 //!
 //! The classifier sees the region's crop (bbox plus the bundle's context margin) resized to its
 //! input size, with the region mask as a fourth channel, so it judges the region in context.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use image::{imageops, GrayImage, RgbImage};
-use serde::Serialize;
 
-use super::regions::connected_regions;
-use super::{batch_settings, ModelInfo};
+use super::components::connected_regions;
+use super::Region;
+use crate::agents::{LoadContext, ModelInfo, ModelRole, ServedModel};
 use crate::bundle::{Bundle, ReasoningSpec};
-use crate::config::BatchingOverride;
-use crate::engine::batcher::{BatchObserver, Batcher};
-use crate::engine::{cpu_bound, load_session, EngineOptions, InputSpec, OnnxModel, TensorData};
+use crate::engine::{cpu_bound, InputSpec, OnnxModel, TensorData};
 use crate::error::{ErrorClass, JobError};
 use crate::imaging::{dilate, grow_rect, inside_bbox, to_chw, Map};
-
-/// One distorted region, as the action agent and the diagnostics see it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Region {
-    pub id: usize,
-    pub category: String,
-    /// `[x, y, w, h]` of the (dilated) mask.
-    pub bbox: [u32; 4],
-    /// Classifier probability of `category`.
-    pub score: f32,
-    pub description: String,
-    pub tool: String,
-    /// Full-image mask, 255 inside: exactly the pixels the action may change.
-    #[serde(skip)]
-    pub mask: GrayImage,
-}
 
 /// A region ready for the classifier: dilated mask, its bbox, the component's pixel count.
 type Prepared = (GrayImage, [u32; 4], u32);
 
-pub struct Reasoning {
-    classifier: Batcher<OnnxModel>,
-    bundle: Arc<Bundle>,
+/// Reasoning's `regions` mode.
+pub struct RegionClassifier {
+    model: ServedModel,
+    bundle: std::sync::Arc<Bundle>,
     spec: ReasoningSpec,
+    /// C: crops are resized to C x C.
+    size: u32,
     pub info: ModelInfo,
-    pub max_batch_size: usize,
 }
 
-impl Reasoning {
-    pub fn load(
-        bundle: &Arc<Bundle>,
-        engine: &EngineOptions,
-        batching: &BTreeMap<String, BatchingOverride>,
-        observer: Arc<dyn BatchObserver>,
-    ) -> anyhow::Result<Reasoning> {
-        let spec = bundle.manifest.reasoning.clone();
-        let session = load_session(&bundle.path(&spec.classifier), engine)?;
-        let c = i64::from(spec.input_size);
+impl RegionClassifier {
+    pub fn load(ctx: &LoadContext) -> anyhow::Result<RegionClassifier> {
+        let spec = ctx.bundle.manifest.reasoning.clone();
+        let (file, size) = match (&spec.classifier, spec.input_size) {
+            (Some(file), Some(size)) => (file.clone(), size),
+            (None, _) => anyhow::bail!("reasoning mode \"regions\" needs reasoning.classifier"),
+            (Some(_), None) => anyhow::bail!("reasoning.classifier needs reasoning.input_size"),
+        };
+        let c = i64::from(size);
         let model = OnnxModel::new(
-            session,
+            ctx.session(&file)?,
             vec![InputSpec {
                 name: "pixel_values".into(),
                 item_shape: vec![4, c, c],
             }],
             "logits",
-            &spec.classifier,
+            &file,
         )?;
+        let categories = ctx.bundle.manifest.taxonomy.categories.len();
         let k = model.output_item_shape().first().copied().unwrap_or(-1);
-        let categories = bundle.manifest.taxonomy.categories.len() as i64;
-        if k > 0 && k != categories {
+        if k > 0 && k != categories as i64 {
             anyhow::bail!(
-                "classifier {} outputs {k} logits but the taxonomy has {categories} categories",
-                spec.classifier
+                "classifier {file} outputs {k} logits but the taxonomy has {categories} categories"
             );
         }
-        let mut settings = batch_settings("classifier", bundle, batching);
-        if !model.dynamic_batch {
-            settings.max_batch_size = 1;
-        }
-        Ok(Reasoning {
-            classifier: Batcher::spawn("classifier", model, settings, observer),
-            info: ModelInfo::of(bundle, &spec.classifier),
-            bundle: bundle.clone(),
+        let mut classifier = RegionClassifier {
+            model: ctx.serve(ModelRole::Classifier, model, Vec::new(), categories),
+            bundle: ctx.bundle.clone(),
             spec,
-            max_batch_size: settings.max_batch_size,
-        })
+            size,
+            info: ctx.info(&file),
+        };
+        let image = RgbImage::new(64, 64);
+        let mut mask = GrayImage::new(64, 64);
+        mask.put_pixel(10, 10, image::Luma([255]));
+        classifier.model.probe = classifier.request(&image, &mask, [10, 10, 1, 1]);
+        Ok(classifier)
     }
 
     /// Finds and classifies the regions whose saliency exceeds `threshold`.
@@ -111,7 +91,9 @@ impl Reasoning {
                 })
                 .unzip()
         });
-        let calls = requests.into_iter().map(|request| self.submit(request));
+        let calls = requests
+            .into_iter()
+            .map(|request| self.model.submit(request));
         let logits = futures_util::future::join_all(calls).await;
         let categories = &self.bundle.manifest.taxonomy.categories;
         let mut regions = Vec::with_capacity(prepared.len());
@@ -126,7 +108,7 @@ impl Reasoning {
             regions.push(Region {
                 id,
                 description: self.bundle.describe(&category, score, pixels),
-                tool: self.bundle.tool_for(&category).to_string(),
+                tool: self.bundle.tool_for(&category),
                 category,
                 bbox,
                 score,
@@ -139,7 +121,7 @@ impl Reasoning {
     /// The classifier input: RGB crop + mask channel, resized to the classifier's size.
     pub fn request(&self, image: &RgbImage, mask: &GrayImage, bbox: [u32; 4]) -> Vec<TensorData> {
         let [x, y, w, h] = grow_rect(bbox, self.spec.context, image.width(), image.height());
-        let c = self.spec.input_size;
+        let c = self.size;
         let crop = imageops::crop_imm(image, x, y, w, h).to_image();
         let mut data = to_chw(&crop, c, self.spec.mean, self.spec.std);
         let mask_crop = imageops::crop_imm(mask, x, y, w, h).to_image();
@@ -152,25 +134,8 @@ impl Reasoning {
         vec![TensorData::F32(data)]
     }
 
-    async fn submit(&self, request: Vec<TensorData>) -> Result<Vec<f32>, JobError> {
-        self.classifier
-            .submit(request)
-            .await
-            .map_err(|e| JobError::new(ErrorClass::ModelError, e.to_string()))
-    }
-
-    pub fn batcher(&self) -> &Batcher<OnnxModel> {
-        &self.classifier
-    }
-
-    pub async fn warm_up(&self, every_size: bool) -> anyhow::Result<()> {
-        let image = RgbImage::new(64, 64);
-        let mut mask = GrayImage::new(64, 64);
-        mask.put_pixel(10, 10, image::Luma([255]));
-        let request = self.request(&image, &mask, [10, 10, 1, 1]);
-        let sizes = super::warm_up_sizes(self.max_batch_size, every_size);
-        let categories = self.bundle.manifest.taxonomy.categories.len();
-        super::warm_batcher(&self.classifier, &request, &sizes, categories).await
+    pub fn served(&self) -> &ServedModel {
+        &self.model
     }
 }
 

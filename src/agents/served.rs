@@ -1,0 +1,192 @@
+//! What every batched model of every agent has in common: its [`ModelRole`] (the name in
+//! metrics and in `batching.<model>` settings), its batcher, the largest batch it takes, and a
+//! probe request of its input shape that the warm-up and `bench`'s model-only phase run.
+//!
+//! Agents and tools build their models through a [`LoadContext`], so that loading a model from
+//! the bundle, choosing its batch settings and starting its batcher is written once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ort::session::Session;
+
+use super::ModelInfo;
+use crate::bundle::Bundle;
+use crate::config::BatchingOverride;
+use crate::engine::batcher::{BatchObserver, BatchSettings, Batcher};
+use crate::engine::{load_session, EngineOptions, OnnxModel, TensorData};
+use crate::error::{ErrorClass, JobError};
+
+/// The role a model session plays. Its name labels the model's metrics
+/// (`retoucher_batch_size{model=…}`), names its thread (`model-{name}`) and keys its batching
+/// settings (`batching.{name}.*`, in the configuration and in the bundle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ModelRole {
+    /// Image + prompt → saliency map.
+    Perception,
+    /// Region crop + mask → category logits (reasoning, `regions` mode).
+    Classifier,
+    /// LaMa-convention inpainting (tool `onnx-inpaint`).
+    Inpaint,
+}
+
+impl ModelRole {
+    /// Every role, in pipeline order.
+    pub const ALL: &'static [ModelRole] = &[
+        ModelRole::Perception,
+        ModelRole::Classifier,
+        ModelRole::Inpaint,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelRole::Perception => "perception",
+            ModelRole::Classifier => "classifier",
+            ModelRole::Inpaint => "inpaint",
+        }
+    }
+}
+
+impl fmt::Display for ModelRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything an agent or tool needs to load its models.
+pub struct LoadContext<'a> {
+    pub bundle: &'a Arc<Bundle>,
+    pub engine: &'a EngineOptions,
+    pub batching: &'a BTreeMap<String, BatchingOverride>,
+    pub observer: Arc<dyn BatchObserver>,
+}
+
+impl LoadContext<'_> {
+    /// The path of a bundle file the manifest refers to; it must carry a checksum in
+    /// `[files]` (so it was verified when the bundle was loaded).
+    pub fn file(&self, name: &str) -> anyhow::Result<PathBuf> {
+        self.bundle.file(name)
+    }
+
+    /// A session for a bundle file, on the configured device.
+    pub fn session(&self, file: &str) -> anyhow::Result<Session> {
+        load_session(&self.file(file)?, self.engine)
+    }
+
+    pub fn info(&self, file: &str) -> ModelInfo {
+        ModelInfo::of(self.bundle, file)
+    }
+
+    /// Batch settings for a role: built-in defaults ← bundle's `[batching.<role>]` ← config.
+    pub fn batch_settings(&self, role: ModelRole) -> BatchSettings {
+        let mut s = BatchSettings::default();
+        let layers = [
+            self.bundle.manifest.batching.get(role.as_str()),
+            self.batching.get(role.as_str()),
+        ];
+        for layer in layers.into_iter().flatten() {
+            if let Some(v) = layer.max_batch_size {
+                s.max_batch_size = v.max(1);
+            }
+            if let Some(v) = layer.max_delay_ms {
+                s.max_delay = std::time::Duration::from_millis(v);
+            }
+            if let Some(v) = layer.max_queue {
+                s.max_queue = v.max(1);
+            }
+        }
+        s
+    }
+
+    /// Starts the batcher of a model (batch size 1 when its batch dimension is fixed).
+    /// `probe` is a request of the model's input shape, `output_len` the values it returns per
+    /// item; the warm-up checks both.
+    pub fn serve(
+        &self,
+        role: ModelRole,
+        model: OnnxModel,
+        probe: Vec<TensorData>,
+        output_len: usize,
+    ) -> ServedModel {
+        let mut settings = self.batch_settings(role);
+        if !model.dynamic_batch {
+            settings.max_batch_size = 1;
+        }
+        ServedModel {
+            role,
+            batcher: Batcher::spawn(role.as_str(), model, settings, self.observer.clone()),
+            max_batch_size: settings.max_batch_size,
+            probe,
+            output_len,
+        }
+    }
+}
+
+/// A model session served behind its batcher.
+pub struct ServedModel {
+    pub role: ModelRole,
+    pub batcher: Batcher<OnnxModel>,
+    /// The largest batch the batcher forms.
+    pub max_batch_size: usize,
+    /// A request of the model's input shape (warm-up, model-only benchmarks).
+    pub probe: Vec<TensorData>,
+    /// Values the model returns per item.
+    pub output_len: usize,
+}
+
+impl ServedModel {
+    /// Runs one request through the batcher; a model failure is the job's `model_error`.
+    pub async fn submit(&self, request: Vec<TensorData>) -> Result<Vec<f32>, JobError> {
+        let output = self
+            .batcher
+            .submit(request)
+            .await
+            .map_err(|e| JobError::new(ErrorClass::ModelError, e.to_string()))?;
+        if output.len() != self.output_len {
+            return Err(JobError::new(
+                ErrorClass::ModelError,
+                format!(
+                    "model {} returned {} values, expected {}",
+                    self.role,
+                    output.len(),
+                    self.output_len
+                ),
+            ));
+        }
+        Ok(output)
+    }
+
+    /// Runs one wave of `size` copies of the probe per warm-up size (the copies are made
+    /// before the first is submitted, so each wave forms one batch), and checks every output.
+    pub async fn warm_up(&self, every_size: bool) -> anyhow::Result<()> {
+        for size in warm_up_sizes(self.max_batch_size, every_size) {
+            let calls = (0..size).map(|_| self.batcher.submit(self.probe.clone()));
+            for output in futures_util::future::join_all(calls).await {
+                let output = output.map_err(|e| anyhow::anyhow!("{e}"))?;
+                if output.len() != self.output_len {
+                    anyhow::bail!(
+                        "model {} returned {} values at batch size {size}, expected {}",
+                        self.role,
+                        output.len(),
+                        self.output_len
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The batch sizes the warm-up runs for a model whose largest batch is `max`: on a GPU every
+/// size from `max` down to 1, because the first call at a new input shape pays for memory
+/// planning and kernel selection, and dynamic batching produces every size; paid at start, it
+/// stays out of the first jobs' latency. On the CPU the full batch alone.
+pub fn warm_up_sizes(max: usize, every_size: bool) -> Vec<usize> {
+    if every_size {
+        (1..=max.max(1)).rev().collect()
+    } else {
+        vec![max.max(1)]
+    }
+}
