@@ -5,11 +5,11 @@ Reference semantics for the worker's parser (models/README.md, "Answer parsing a
 1. Lenient parse. If the text contains a code fence (```), only the first fenced block is read:
    it starts after the fence and, when the rest of the fence line is an info string
    ([A-Za-z0-9_-]* and blanks, e.g. "json"), after that line's newline; it ends at the next ```
-   or at the end of the text. In that text the first '[' or '{' at which a complete JSON value
-   parses is taken (positions tried left to right); anything after that value is ignored. An
-   object is read as a list of one region. JSON is RFC 8259: no NaN/Infinity, no control
-   characters in strings, a number whose value overflows a double fails the parse at that
-   position. No such value: the answer is malformed (`error` = "no_json").
+   or at the end of the text. In that text the JSON value that starts at the first '[' or '{'
+   is read; anything after it is ignored. An object is read as a list of one region. JSON is
+   RFC 8259: no NaN/Infinity, no control characters in strings; a number that overflows a
+   double and nesting deeper than 64 arrays/objects are errors. The answer is malformed when there is no '[' or '{' (`error` =
+   "no_json") or the value there does not parse (`error` = "invalid_json").
 2. Strict validation, element by element, in order. A kept region has a box in input-image
    pixels, a category of the taxonomy, an instruction and an optional tool; every dropped
    element and every change has a reason code.
@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 FENCE = "```"
+MAX_DEPTH = 64
 INFO_STRING = re.compile(r"[A-Za-z0-9_\-]*[ \t]*\r?\n")
 
 # Coordinate spaces of bbox_2d (bundle key reasoning.vlm.bbox_coordinates)
@@ -40,7 +41,7 @@ class Region:
 
 @dataclass
 class Answer:
-    error: str | None                    # None, or "no_json" when nothing parses
+    error: str | None                    # None, "no_json" or "invalid_json" (malformed answer)
     regions: list[Region]
     dropped: list[dict]                  # {"index": i, "reason": code}
 
@@ -85,16 +86,27 @@ def fenced_block(text: str) -> str:
 
 
 def first_json(text: str):
-    """The first JSON value that starts at a '[' or '{' of the text, or None."""
+    """(value, None) for the JSON value at the first '[' or '{', else (None, error code)."""
     block = fenced_block(text)
-    for pos, ch in enumerate(block):
-        if ch in "[{":
-            try:
-                value, _ = _DECODER.raw_decode(block, pos)
-            except ValueError:
-                continue
-            return value
-    return None
+    starts = [p for p in (block.find("["), block.find("{")) if p >= 0]
+    if not starts:
+        return None, "no_json"
+    try:
+        value, _ = _DECODER.raw_decode(block, min(starts))
+    except (ValueError, RecursionError):
+        return None, "invalid_json"
+    if _depth(value) > MAX_DEPTH:
+        return None, "invalid_json"
+    return value, None
+
+
+def _depth(value) -> int:
+    """Nesting depth of arrays/objects (a scalar is 0, [] is 1)."""
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
 
 
 def _is_number(v) -> bool:
@@ -113,9 +125,9 @@ def to_input_pixels(box: list[float], coordinates: str, image_w: int, image_h: i
 
 def validate(text: str, *, categories: list[str], tools: list[str], allow_tool: bool, max_regions: int,
              coordinates: str, image_w: int, image_h: int, resized_w: int, resized_h: int) -> Answer:
-    value = first_json(text)
-    if value is None:
-        return Answer("no_json", [], [])
+    value, error = first_json(text)
+    if error is not None:
+        return Answer(error, [], [])
     items = [value] if isinstance(value, dict) else value
     regions: list[Region] = []
     dropped: list[dict] = []
