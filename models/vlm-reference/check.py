@@ -15,8 +15,11 @@ answer parser tests (test_answer.py). Exits non-zero on the first failure.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import sys
+import tempfile
 import unittest
 
 import numpy as np
@@ -24,6 +27,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import reference as R  # noqa: E402
+
+sys.path.insert(0, os.path.join(HERE, "..", "export"))
+import write_bundle  # noqa: E402
 
 IMAGES = os.path.join(HERE, "images")
 HAND = '[{"bbox_2d":[112,56,196,112],"category":"hand","instruction":"Redraw it with five distinct fingers and natural joints."}]'
@@ -308,6 +314,43 @@ def check_batching(b: R.Bundle, fp16: R.Bundle, q2: R.Bundle) -> None:
        "changes the shorter row")
 
 
+def check_export_tool(b: R.Bundle) -> None:
+    """models/export/write_bundle.py on an onnx-community-shaped folder made of the fp16 graphs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, out = os.path.join(tmp, "model"), os.path.join(tmp, "bundle")
+        os.makedirs(os.path.join(model, "onnx"))
+        for name in ("vision_encoder_fp16.onnx", "embed_tokens_fp16.onnx", "decoder_model_merged_fp16.onnx"):
+            shutil.copyfile(os.path.join(HERE, "fp16", name), os.path.join(model, "onnx", name))
+        shutil.copyfile(os.path.join(HERE, "tokenizer.json"), os.path.join(model, "tokenizer.json"))
+        with open(os.path.join(model, "config.json"), "w") as f:
+            json.dump({"model_type": "qwen2_5_vl", "vocab_size": 151936}, f)
+        with open(os.path.join(model, "preprocessor_config.json"), "w") as f:
+            json.dump({"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2,
+                       "temporal_patch_size": 2, "image_mean": b.vlm["mean"], "image_std": b.vlm["std"]}, f)
+        template = os.path.join(tmp, "template.txt")
+        with open(template, "w") as f:
+            f.write(b.vlm["template"])    # the production template names hands and faces: keywords here
+        with open(os.devnull, "w") as quiet:
+            stdout, sys.stdout = sys.stdout, quiet
+            try:
+                write_bundle.main([model, "--base", os.path.join(HERE, "..", "reference"), "--out", out,
+                                   "--dtype", "fp16", "--max-pixels", "200704", "--max-new-tokens", "128",
+                                   "--template", template])
+            finally:
+                sys.stdout = stdout
+        exported = R.Bundle(out)
+        assert exported.manifest["perception"]["tokenizer"] == "base_tokenizer.json"
+        assert exported.coordinates == "resized" and exported.vlm["fallback"] == "regions"
+        requests = [req("hand", "a violinist with six fingers on his hand"),
+                    req("fenced", "a fenced garden", image="magenta-640x480.png")]
+        assert [r["generated_ids"] for r in run(exported, requests)] == [r["generated_ids"] for r in run(b, requests)]
+    with open(write_bundle.DEFAULT_TEMPLATE, encoding="utf-8") as f:
+        default = f.read()
+    text = R.render(default, {k: "x" for k in ("prompt", "categories", "tools", "regions", "width", "height")})
+    assert text.count("<|image_pad|>") == 1 and text.endswith("<|im_start|>assistant\n")
+    ok("models/export/write_bundle.py writes a bundle that loads and decodes like this one; its default template renders")
+
+
 def main() -> int:
     check_layouts()
     b = R.Bundle(HERE)
@@ -316,6 +359,7 @@ def main() -> int:
     check_answers(b)
     check_sensitivity(b)
     check_batching(b, R.Bundle(os.path.join(HERE, "fp16")), R.Bundle(os.path.join(HERE, "qwen2-vl")))
+    check_export_tool(b)
     suite = unittest.defaultTestLoader.discover(HERE, pattern="test_*.py")
     result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(suite)
     assert result.wasSuccessful(), [str(e) for e in result.failures + result.errors]
