@@ -101,7 +101,7 @@ DS = HIDDEN - K                                       # sinusoidal token feature
 OMEGA = 0.0137 * (1.0 + np.arange(DS)) ** 0.5         # token frequencies (radians per id)
 THETA = 0.61 * np.arange(DS)                          # token phases
 NU = 0.091 * (1.0 + np.arange(DS))                    # position frequencies (radians per position)
-TEXT_SHIFT = 0.0015                                   # weight scale of the sinusoidal features
+TEXT_SHIFT = 0.0002                                   # weight scale of the sinusoidal features
 
 
 def text_shift_rgb() -> np.ndarray:
