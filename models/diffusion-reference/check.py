@@ -303,10 +303,10 @@ def check_repairs() -> None:
     neg = hole_mean(run(img, hole, negative_prompt="green")[1])
     assert neg[1] < base[1] - 30, (base, neg)
     other = hole_mean(run(img, hole, prompt="a violinist on a rainy street")[1])
-    assert 0 < np.abs(other - base).max() < 8, (base, other)
+    assert 0 < np.abs(other - base).max() < 1, (base, other)
     ok(f"text and guidance matter: 'red' moves the hole by {np.round(red - base).tolist()}, 'blue' by "
        f"{np.round(blue - base).tolist()}; red shift at g=1/3/7.5: {np.round(shifts, 1).tolist()}; negative 'green' "
-       f"by {np.round(neg - base).tolist()}; a colourless prompt by <= 8 levels")
+       f"by {np.round(neg - base).tolist()}; a colourless prompt by {np.abs(other - base).max():.2f} levels")
 
     r1, a1 = run(img, hole)
     r2, a2 = run(img, hole)
