@@ -43,8 +43,8 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
+import tomllib
 
 import numpy as np
 import onnx
@@ -482,8 +482,8 @@ def write(path: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def reference_categories() -> list[str]:
-    import tomllib
+def reference_categories() -> tuple[list[str], dict[str, str]]:
+    """The reference bundle's taxonomy and file hashes."""
     with open(os.path.join(REFERENCE, "bundle.toml"), "rb") as f:
         ref = tomllib.load(f)
     return ref["taxonomy"]["categories"], ref["files"]
@@ -517,7 +517,6 @@ def main(argv=None) -> int:
                     help="copy this CLIP tokenizer.json instead of building it (no download)")
     args = ap.parse_args(argv)
     if args.tokenizer:
-        import tomllib
         with open(os.path.join(args.out, "bundle.toml"), "rb") as f:
             expect = tomllib.load(f)["files"][TOKENIZER_FILE]
         build_tokenizer(args.out, expect, args.reuse_tokenizer)
