@@ -84,6 +84,7 @@ impl Executor {
             saliency_threshold: options
                 .saliency_threshold
                 .unwrap_or(defaults.saliency_threshold),
+            diffusion_steps: options.diffusion_steps,
         }
     }
 

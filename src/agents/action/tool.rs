@@ -102,6 +102,9 @@ pub struct JobContext<'a> {
     pub prompt: &'a str,
     /// The loop iteration (0-based) the repair happens in.
     pub iteration: usize,
+    /// The job's `options.diffusion_steps` (bounded by the job contract; a diffusion tool
+    /// bounds it further to its bundle's `max_steps`).
+    pub diffusion_steps: Option<u32>,
 }
 
 /// One region to repair, cut out of the image.
