@@ -130,9 +130,8 @@ impl Export {
                 .with_context(|| format!("reading {config_file}"))?,
         )
         .with_context(|| format!("{config_file} is not JSON"))?;
-        let train = Arc::new(
-            TrainSchedule::from_config(&config).with_context(|| format!("{config_file}"))?,
-        );
+        let train =
+            Arc::new(TrainSchedule::from_config(&config).with_context(|| config_file.clone())?);
         // Every step count a job may ask for must be a valid schedule.
         for n in 1..=spec.max_steps as usize {
             train
