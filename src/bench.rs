@@ -711,7 +711,7 @@ pub fn table(report: &BenchReport) -> String {
             .collect();
         s.push_str(&format!("  mean ms per job: {}\n", stages.join(", ")));
         s.push_str(&format!(
-            "  {:<11} {:>9} {:>10} {:>10} {:>12} {:>14} {:>18}\n",
+            "  {:<12} {:>9} {:>10} {:>10} {:>12} {:>14} {:>18}\n",
             "model",
             "max batch",
             "mean batch",
@@ -722,7 +722,7 @@ pub fn table(report: &BenchReport) -> String {
         ));
         for (name, m) in &run.models {
             s.push_str(&format!(
-                "  {:<11} {:>9} {:>10.2} {:>10.2} {:>12} {:>14.2} {:>13.1} @ b{}\n",
+                "  {:<12} {:>9} {:>10.2} {:>10.2} {:>12} {:>14.2} {:>13.1} @ b{}\n",
                 name,
                 m.max_batch_size,
                 m.mean_batch_size,
