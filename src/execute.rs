@@ -239,6 +239,7 @@ impl Executor {
             settings: LoopInfo {
                 max_iterations: settings.max_iterations,
                 saliency_threshold: settings.saliency_threshold,
+                diffusion_steps: settings.diffusion_steps,
             },
             iterations: result.iterations.iter().map(Into::into).collect(),
             models: self

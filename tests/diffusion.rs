@@ -601,6 +601,7 @@ async fn a_diffusion_region_is_repaired_through_the_broker_and_a_redelivery_writ
             .unwrap(),
     )
     .unwrap();
+    assert_eq!(diagnostics["settings"]["diffusion_steps"], 12);
     let regions = diagnostics["iterations"][0]["regions"].as_array().unwrap();
     let diffused: Vec<&Value> = regions
         .iter()
