@@ -1,4 +1,5 @@
 //! The `diffusion-inpaint` tool on the diffusion reference bundle (models/diffusion-reference):
+//! - exports without the inpainting layout are refused at load, naming the reason;
 //! - parity with the independent Python reference (`reference.py`, run live with onnxruntime
 //!   and numpy on the same graphs and noise): the latents after every step within 1e-3, on
 //!   every export variant, DDIM and Euler, with and without classifier-free guidance;
@@ -558,6 +559,77 @@ async fn regions_of_different_jobs_share_unet_batches_and_get_what_they_get_alon
     assert_ne!(
         together[0].1.initial_latents, together[1].1.initial_latents,
         "the noise is keyed by the job"
+    );
+}
+
+/// Copies a folder tree.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Loading the tool from a copy of the reference bundle whose `sd-inpaint/{part}/model.onnx`
+/// is another part's graph (its sha256 updated, so only the layout check can refuse it).
+fn load_with_swapped(part: &str, with: &str) -> String {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("bundle");
+    copy_tree(&bundle_root(), &root);
+    let file = format!("sd-inpaint/{part}/model.onnx");
+    let bytes = std::fs::read(root.join(format!("sd-inpaint/{with}/model.onnx"))).unwrap();
+    let old = hex::encode(sha2::Sha256::digest(
+        std::fs::read(root.join(&file)).unwrap(),
+    ));
+    std::fs::write(root.join(&file), &bytes).unwrap();
+    let manifest = std::fs::read_to_string(root.join("bundle.toml")).unwrap();
+    let new = hex::encode(sha2::Sha256::digest(&bytes));
+    let line = format!("\"{file}\" = \"{old}\"");
+    assert!(manifest.contains(&line), "{line}");
+    std::fs::write(
+        root.join("bundle.toml"),
+        manifest.replace(&line, &format!("\"{file}\" = \"{new}\"")),
+    )
+    .unwrap();
+    let bundle = Arc::new(Bundle::load(&root).unwrap());
+    let table = &bundle.manifest.action.tools["diffusion-inpaint"];
+    let ctx = LoadContext {
+        bundle: &bundle,
+        engine: &cpu_engine(1),
+        batching: &BTreeMap::new(),
+        observer: Arc::new(NoObserver),
+    };
+    match DiffusionInpaint::load(&ctx, DiffusionSpec::parse(table).unwrap()) {
+        Ok(_) => panic!("a {part} that is a {with} was accepted"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_without_the_inpainting_layout_are_refused_naming_the_reason() {
+    env_var("ORT_DYLIB_PATH");
+    let err = load_with_swapped("unet", "vae_decoder");
+    assert!(
+        err.contains("unet inputs are [\"latent_sample\"]")
+            && err.contains("takes exactly sample, timestep and encoder_hidden_states"),
+        "{err}"
+    );
+    assert!(err.contains("export \"sd-inpaint\""), "{err}");
+    let err = load_with_swapped("text_encoder", "vae_encoder");
+    assert!(err.contains("text_encoder has no \"input_ids\""), "{err}");
+    let err = load_with_swapped("vae_encoder", "vae_decoder");
+    assert!(err.contains("vae_encoder has no \"sample\""), "{err}");
+    let err = load_with_swapped("vae_decoder", "vae_encoder");
+    assert!(
+        err.contains("vae_decoder has no \"latent_sample\""),
+        "{err}"
     );
 }
 
