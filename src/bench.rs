@@ -15,6 +15,7 @@ use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::agents::action::diffusion::SchedulerKind;
 use crate::agents::{Agents, ModelRole};
 use crate::app::{self, StorageKind};
 use crate::bundle::Bundle;
@@ -117,6 +118,9 @@ pub struct RunReport {
     /// Jobs/s if the models were the only cost: 1 / Σ(items per job ÷ model-only items/s).
     pub model_only_jobs_per_s: f64,
     pub end_to_end_over_model_only: f64,
+    /// Denoising steps of diffusion repairs during the load (one per region and step).
+    pub diffusion_steps: u64,
+    pub diffusion_steps_per_s: f64,
     /// Where the cores went during the load (Linux only).
     pub cpu: Option<CpuReport>,
 }
@@ -340,6 +344,7 @@ async fn run_load(
         "[{label}] {total} jobs at concurrency {}",
         options.concurrency
     );
+    let steps_before = diffusion_steps();
     let cpu_before = CpuSample::now();
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(total);
@@ -405,6 +410,7 @@ async fn run_load(
         }
     }
     let wall = started.elapsed().as_secs_f64();
+    let steps = diffusion_steps().saturating_sub(steps_before);
     let cpu = match (cpu_before, CpuSample::now()) {
         (Some(before), Some(after)) => Some(CpuReport::of(
             after.since(&before),
@@ -469,8 +475,19 @@ async fn run_load(
         } else {
             0.0
         },
+        diffusion_steps: steps,
+        diffusion_steps_per_s: steps as f64 / wall,
         cpu,
     })
+}
+
+/// Denoising steps counted so far in this process (every scheduler).
+fn diffusion_steps() -> u64 {
+    let counter = &crate::metrics::metrics().diffusion_steps_total;
+    SchedulerKind::ALL
+        .iter()
+        .map(|kind| counter.with_label_values(&[kind.as_str()]).get())
+        .sum()
 }
 
 /// Items/s of one model's session fed a ready request in waves of `batch` concurrent copies.
@@ -694,7 +711,7 @@ pub fn table(report: &BenchReport) -> String {
             .collect();
         s.push_str(&format!("  mean ms per job: {}\n", stages.join(", ")));
         s.push_str(&format!(
-            "  {:<11} {:>9} {:>10} {:>10} {:>12} {:>14} {:>18}\n",
+            "  {:<12} {:>9} {:>10} {:>10} {:>12} {:>14} {:>18}\n",
             "model",
             "max batch",
             "mean batch",
@@ -705,7 +722,7 @@ pub fn table(report: &BenchReport) -> String {
         ));
         for (name, m) in &run.models {
             s.push_str(&format!(
-                "  {:<11} {:>9} {:>10.2} {:>10.2} {:>12} {:>14.2} {:>13.1} @ b{}\n",
+                "  {:<12} {:>9} {:>10.2} {:>10.2} {:>12} {:>14.2} {:>13.1} @ b{}\n",
                 name,
                 m.max_batch_size,
                 m.mean_batch_size,
@@ -720,6 +737,15 @@ pub fn table(report: &BenchReport) -> String {
             "  model-only ceiling {:.1} jobs/s; end-to-end / model-only = {:.2}\n",
             run.model_only_jobs_per_s, run.end_to_end_over_model_only
         ));
+        if run.diffusion_steps > 0 {
+            let unet = run.models.get(ModelRole::Unet.as_str());
+            s.push_str(&format!(
+                "  diffusion: {} denoising steps, {:.1} steps/s, UNet mean batch {:.2}\n",
+                run.diffusion_steps,
+                run.diffusion_steps_per_s,
+                unet.map_or(0.0, |m| m.mean_batch_size)
+            ));
+        }
         if let Some(cpu) = &run.cpu {
             s.push_str(&format!(
                 "  CPU {:.1} s ({:.0}% of {} cores), model threads {:.1} s; outside them {:.1} ms per job: host ceiling {:.1} jobs/s\n",

@@ -77,6 +77,10 @@ pub struct OutputInfo {
 pub struct LoopInfo {
     pub max_iterations: u32,
     pub saliency_threshold: f32,
+    /// The job's `options.diffusion_steps`, when it set one (a diffusion tool clamps it to its
+    /// bundle's `max_steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diffusion_steps: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -84,6 +84,7 @@ impl Executor {
             saliency_threshold: options
                 .saliency_threshold
                 .unwrap_or(defaults.saliency_threshold),
+            diffusion_steps: options.diffusion_steps,
         }
     }
 
@@ -238,6 +239,7 @@ impl Executor {
             settings: LoopInfo {
                 max_iterations: settings.max_iterations,
                 saliency_threshold: settings.saliency_threshold,
+                diffusion_steps: settings.diffusion_steps,
             },
             iterations: result.iterations.iter().map(Into::into).collect(),
             models: self

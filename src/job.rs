@@ -12,6 +12,9 @@ use crate::error::JobError;
 
 /// Bounds on per-job options (design §4.3).
 pub const MAX_ITERATIONS_LIMIT: u32 = 8;
+/// The largest `options.diffusion_steps` any job may ask for; a diffusion tool bounds it
+/// further to its bundle's `max_steps`.
+pub const MAX_DIFFUSION_STEPS_LIMIT: u32 = 1000;
 
 /// A validated retouch job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +34,10 @@ pub struct JobMessage {
 pub struct JobOptions {
     pub max_iterations: Option<u32>,
     pub saliency_threshold: Option<f32>,
+    /// Denoising steps of diffusion repairs (1..=[`MAX_DIFFUSION_STEPS_LIMIT`]); the tool
+    /// clamps it to its bundle's `max_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diffusion_steps: Option<u32>,
 }
 
 impl JobMessage {
@@ -171,6 +178,19 @@ fn parse_options(value: Option<&Value>) -> Result<JobOptions, JobError> {
             options.saliency_threshold = Some(t as f32);
         }
     }
+    match obj.get("diffusion_steps") {
+        None | Some(Value::Null) => {}
+        Some(v) => {
+            let range = 1..=u64::from(MAX_DIFFUSION_STEPS_LIMIT);
+            let n = v.as_u64().filter(|n| range.contains(n));
+            let n = n.ok_or_else(|| {
+                JobError::invalid(format!(
+                    "options.diffusion_steps must be an integer from 1 to {MAX_DIFFUSION_STEPS_LIMIT}, got {v}"
+                ))
+            })?;
+            options.diffusion_steps = Some(n as u32);
+        }
+    }
     Ok(options)
 }
 
@@ -210,12 +230,13 @@ mod tests {
     fn parses_the_design_example() {
         let body = r#"{"job_id":"2f6c-img-000123","image":"s3://generated/2026/11/26/000123.png",
             "prompt":"a violinist","output":"s3://retouched/v1/",
-            "options":{"max_iterations":3,"saliency_threshold":0.5},
+            "options":{"max_iterations":3,"saliency_threshold":0.5,"diffusion_steps":25},
             "metadata":{"tenant":"acme"},"future_field":1}"#;
         let job = JobMessage::parse(body.as_bytes(), &limits()).unwrap();
         assert_eq!(job.job_id, "2f6c-img-000123");
         assert_eq!(job.options.max_iterations, Some(3));
         assert_eq!(job.options.saliency_threshold, Some(0.5));
+        assert_eq!(job.options.diffusion_steps, Some(25));
         assert_eq!(job.output.as_deref(), Some("s3://retouched/v1/"));
         assert_eq!(job.metadata.unwrap()["tenant"], "acme");
     }
@@ -241,6 +262,15 @@ mod tests {
             r#"{"job_id":"a","image":"s3://a/b","prompt":"p","options":{"saliency_threshold":1.5}}"#
         )
         .contains("saliency_threshold"));
+        for steps in ["0", "1001", "2.5", "-3", "\"20\""] {
+            let body = format!(
+                r#"{{"job_id":"a","image":"s3://a/b","prompt":"p","options":{{"diffusion_steps":{steps}}}}}"#
+            );
+            assert!(
+                reason(&body).contains("options.diffusion_steps must be an integer from 1 to 1000"),
+                "{body}"
+            );
+        }
         assert!(
             reason(r#"{"job_id":"a","image":"s3://a/b","prompt":"p","metadata":[1]}"#)
                 .contains("'metadata' must be a JSON object")

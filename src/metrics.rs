@@ -36,6 +36,8 @@ pub struct Metrics {
     pub broker_connected: IntGauge,
     pub ready: IntGauge,
     pub errors_total: IntCounterVec,
+    pub diffusion_steps_total: IntCounterVec,
+    pub diffusion_step_seconds: Histogram,
 }
 
 fn seconds_buckets() -> Vec<f64> {
@@ -156,6 +158,16 @@ impl Metrics {
                 "retoucher_job_errors_total",
                 "Job failures, by error class.",
                 &["class"],
+            ),
+            diffusion_steps_total: counter(
+                "retoucher_diffusion_steps_total",
+                "Denoising steps of diffusion repairs (one per region and step), by scheduler.",
+                &["scheduler"],
+            ),
+            diffusion_step_seconds: histogram(
+                "retoucher_diffusion_step_seconds",
+                "Duration of one denoising step of one region (UNet queue wait, call and scheduler step).",
+                seconds_buckets(),
             ),
             registry,
         };

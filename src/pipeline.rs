@@ -22,6 +22,8 @@ pub struct LoopSettings {
     pub max_iterations: u32,
     /// τ: pixels above it are distorted; the loop stops once none are.
     pub saliency_threshold: f32,
+    /// The job's override of the denoising steps of diffusion repairs.
+    pub diffusion_steps: Option<u32>,
 }
 
 /// Saliency statistics of one perception pass.
@@ -130,6 +132,7 @@ pub async fn retouch(
                 job_id,
                 prompt,
                 iteration: index,
+                diffusion_steps: settings.diffusion_steps,
             };
             image = agents.action.apply(&image, &regions, job).await?;
             timings.action = ms(started);

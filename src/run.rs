@@ -139,6 +139,9 @@ fn collect_jobs(
                         if options.options.saliency_threshold.is_some() {
                             job_options.saliency_threshold = options.options.saliency_threshold;
                         }
+                        if options.options.diffusion_steps.is_some() {
+                            job_options.diffusion_steps = options.options.diffusion_steps;
+                        }
                         jobs.push(LocalJob {
                             job_id: m.job_id,
                             image: base.join(&m.image),

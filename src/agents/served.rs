@@ -30,6 +30,14 @@ pub enum ModelRole {
     Classifier,
     /// LaMa-convention inpainting (tool `onnx-inpaint`).
     Inpaint,
+    /// Diffusion inpainting's text encoder: prompt ids → hidden states (tool `diffusion-inpaint`).
+    TextEncoder,
+    /// Diffusion inpainting's denoising UNet, one call per step (tool `diffusion-inpaint`).
+    Unet,
+    /// Diffusion inpainting's VAE encoder: masked image → latents (tool `diffusion-inpaint`).
+    VaeEncoder,
+    /// Diffusion inpainting's VAE decoder: latents → image (tool `diffusion-inpaint`).
+    VaeDecoder,
 }
 
 impl ModelRole {
@@ -38,6 +46,10 @@ impl ModelRole {
         ModelRole::Perception,
         ModelRole::Classifier,
         ModelRole::Inpaint,
+        ModelRole::TextEncoder,
+        ModelRole::Unet,
+        ModelRole::VaeEncoder,
+        ModelRole::VaeDecoder,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +57,10 @@ impl ModelRole {
             ModelRole::Perception => "perception",
             ModelRole::Classifier => "classifier",
             ModelRole::Inpaint => "inpaint",
+            ModelRole::TextEncoder => "text_encoder",
+            ModelRole::Unet => "unet",
+            ModelRole::VaeEncoder => "vae_encoder",
+            ModelRole::VaeDecoder => "vae_decoder",
         }
     }
 }

@@ -9,7 +9,7 @@ use clap::Args;
 use super::ModelArgs;
 use crate::app::{self, StorageKind};
 use crate::config::Settings;
-use crate::job::{JobOptions, MAX_ITERATIONS_LIMIT};
+use crate::job::{JobOptions, MAX_DIFFUSION_STEPS_LIMIT, MAX_ITERATIONS_LIMIT};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -31,6 +31,10 @@ pub struct RunArgs {
     /// Override every job's options.saliency_threshold.
     #[arg(long)]
     pub saliency_threshold: Option<f32>,
+    /// Override every job's options.diffusion_steps (denoising steps of diffusion repairs,
+    /// clamped to the bundle's max_steps).
+    #[arg(long)]
+    pub diffusion_steps: Option<u32>,
     #[command(flatten)]
     pub models: ModelArgs,
 }
@@ -50,9 +54,16 @@ impl RunArgs {
                 "--saliency-threshold must be in 0..1"
             );
         }
+        if let Some(n) = self.diffusion_steps {
+            anyhow::ensure!(
+                (1..=MAX_DIFFUSION_STEPS_LIMIT).contains(&n),
+                "--diffusion-steps must be in 1..={MAX_DIFFUSION_STEPS_LIMIT}"
+            );
+        }
         Ok(JobOptions {
             max_iterations: self.max_iterations,
             saliency_threshold: self.saliency_threshold,
+            diffusion_steps: self.diffusion_steps,
         })
     }
 }

@@ -131,15 +131,19 @@ pub fn environment(
 
 /// Builds a session for one model file on the configured device.
 ///
-/// The session is built on a thread named `model-{file stem}`, so ONNX Runtime's pool threads
-/// carry that name (in `top -H`, and for `bench`'s CPU accounting, see [`crate::cputime`]).
+/// The session is built on a thread named `model-{file stem}` (for a `model.onnx`, the name of
+/// its folder, as in the diffusers / optimum layout `unet/model.onnx`), so ONNX Runtime's pool
+/// threads carry that name (in `top -H`, and for `bench`'s CPU accounting, see
+/// [`crate::cputime`]).
 pub fn load_session(path: &Path, options: &EngineOptions) -> anyhow::Result<Session> {
     // The environment (and any thread of its own) first, outside the model's name.
     let env = environment(options)?;
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("session");
+    let name = |p: &Path| p.file_stem().and_then(|s| s.to_str()).map(str::to_string);
+    let stem = match name(path).as_deref() {
+        Some("model") => path.parent().and_then(name),
+        _ => name(path),
+    }
+    .unwrap_or_else(|| "session".to_string());
     crate::cputime::on_named_thread(&format!("model-{stem}"), || {
         build_session(env, path, options)
     })
@@ -225,10 +229,33 @@ fn with_cuda(
 }
 
 /// One tensor of one batch item.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum TensorData {
     F32(Vec<f32>),
     I64(Vec<i64>),
+    I32(Vec<i32>),
+}
+
+impl TensorData {
+    pub fn len(&self) -> usize {
+        match self {
+            TensorData::F32(v) => v.len(),
+            TensorData::I64(v) => v.len(),
+            TensorData::I32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn element(&self) -> &'static str {
+        match self {
+            TensorData::F32(_) => "f32",
+            TensorData::I64(_) => "i64",
+            TensorData::I32(_) => "i32",
+        }
+    }
 }
 
 /// An input the model declares: name and per-item shape (without the batch dimension).
@@ -238,14 +265,61 @@ pub struct InputSpec {
     pub item_shape: Vec<i64>,
 }
 
+/// The element type and declared shape of a session input or output (`-1` = dynamic).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub element: ort::value::TensorElementType,
+    pub shape: Vec<i64>,
+}
+
+fn tensor_info(name: &str, dtype: &ValueType) -> Option<TensorInfo> {
+    match dtype {
+        ValueType::Tensor { ty, shape, .. } => Some(TensorInfo {
+            name: name.to_string(),
+            element: *ty,
+            shape: shape.iter().copied().collect(),
+        }),
+        _ => None,
+    }
+}
+
+/// The tensor inputs a session declares, in order (for checking an export's layout and
+/// detecting its variant before serving it).
+pub fn inputs_of(session: &Session) -> Vec<TensorInfo> {
+    session
+        .inputs()
+        .iter()
+        .filter_map(|i| tensor_info(i.name(), i.dtype()))
+        .collect()
+}
+
+/// The tensor outputs a session declares, in order.
+pub fn outputs_of(session: &Session) -> Vec<TensorInfo> {
+    session
+        .outputs()
+        .iter()
+        .filter_map(|o| tensor_info(o.name(), o.dtype()))
+        .collect()
+}
+
 /// A model session behind a batcher: stacks per-item tensors into one batch, runs the
 /// session, and splits the first named output back into per-item `Vec<f32>`s.
+///
+/// By default an item is one row of the batch. An item may instead be several rows
+/// ([`OnnxModel::with_rows_per_item`], e.g. the two branches of classifier-free guidance, which
+/// must stay together), and an input may be given once per call rather than per row
+/// ([`OnnxModel::with_shared_input`], e.g. a scalar timestep): items whose shared inputs differ
+/// then run in separate session calls of one batch.
 pub struct OnnxModel {
     session: Session,
     inputs: Vec<InputSpec>,
     output: String,
     /// Whether the first input's batch dimension is dynamic.
     pub dynamic_batch: bool,
+    rows_per_item: usize,
+    /// By input: given once per call (not stacked along the batch).
+    shared: Vec<bool>,
 }
 
 impl OnnxModel {
@@ -278,56 +352,128 @@ impl OnnxModel {
                 _ => true,
             })
             .unwrap_or(true);
+        let shared = vec![false; inputs.len()];
         Ok(OnnxModel {
             session,
             inputs,
             output: output.to_string(),
             dynamic_batch,
+            rows_per_item: 1,
+            shared,
         })
+    }
+
+    /// Each item carries `rows` consecutive rows of the batch in every stacked input (its data
+    /// is `rows` × the input's item shape) and gets `rows` rows of the output back.
+    pub fn with_rows_per_item(mut self, rows: usize) -> OnnxModel {
+        self.rows_per_item = rows.max(1);
+        self
+    }
+
+    /// Input `name` is given once per session call, with exactly its `item_shape` (e.g. `[]`
+    /// for a scalar), instead of stacked along the batch. Every item still carries its value;
+    /// items with different values are run in separate calls.
+    pub fn with_shared_input(mut self, name: &str) -> anyhow::Result<OnnxModel> {
+        let Some(j) = self.inputs.iter().position(|i| i.name == name) else {
+            bail!("no input {name:?} to share");
+        };
+        self.shared[j] = true;
+        Ok(self)
     }
 
     /// Runs one batch: `items[i][j]` is input `j` of item `i`.
     pub fn run_batch(&mut self, items: &[Vec<TensorData>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        for item in items {
+            if item.len() != self.inputs.len() {
+                bail!(
+                    "a batch item has {} inputs, the model takes {}",
+                    item.len(),
+                    self.inputs.len()
+                );
+            }
+        }
+        if !self.shared.contains(&true) {
+            return self.run_call(&items.iter().collect::<Vec<_>>());
+        }
+        // Groups of items with equal shared inputs, in order of first appearance.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let same = |g: &&mut Vec<usize>| {
+                let first = &items[g[0]];
+                (0..item.len()).all(|j| !self.shared[j] || first[j] == item[j])
+            };
+            match groups.iter_mut().find(same) {
+                Some(group) => group.push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        let mut outputs = vec![Vec::new(); items.len()];
+        for group in groups {
+            let call: Vec<&Vec<TensorData>> = group.iter().map(|&i| &items[i]).collect();
+            for (i, output) in group.into_iter().zip(self.run_call(&call)?) {
+                outputs[i] = output;
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// One session call on `items`.
+    fn run_call(&mut self, items: &[&Vec<TensorData>]) -> anyhow::Result<Vec<Vec<f32>>> {
         let n = items.len();
+        let rows = n * self.rows_per_item;
         let mut values: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(self.inputs.len());
         for (j, spec) in self.inputs.iter().enumerate() {
-            let mut shape = vec![n as i64];
-            shape.extend(&spec.item_shape);
-            let per_item: usize = spec.item_shape.iter().product::<i64>() as usize;
-            let value = match items.first().map(|item| &item[j]) {
-                Some(TensorData::I64(_)) => {
-                    let mut data = Vec::with_capacity(n * per_item);
-                    for item in items {
+            let per_row: usize = spec.item_shape.iter().product::<i64>().max(0) as usize;
+            let (shape, per_item, count) = if self.shared[j] {
+                (spec.item_shape.clone(), per_row, 1)
+            } else {
+                let mut shape = vec![rows as i64];
+                shape.extend(&spec.item_shape);
+                (shape, per_row * self.rows_per_item, n)
+            };
+            let Some(first) = items.first().map(|item| &item[j]) else {
+                bail!("an empty batch");
+            };
+            let wrong = |item: &TensorData| {
+                anyhow::anyhow!(
+                    "batch item has {} {} values for {}, expected {per_item} {}",
+                    item.len(),
+                    item.element(),
+                    spec.name,
+                    first.element()
+                )
+            };
+            macro_rules! stack {
+                ($variant:ident) => {{
+                    let mut data = Vec::with_capacity(count * per_item);
+                    for item in &items[..count] {
                         match &item[j] {
-                            TensorData::I64(v) if v.len() == per_item => data.extend_from_slice(v),
-                            _ => bail!("batch item has the wrong type or size for {}", spec.name),
+                            TensorData::$variant(v) if v.len() == per_item => {
+                                data.extend_from_slice(v)
+                            }
+                            other => return Err(wrong(other)),
                         }
                     }
                     Tensor::from_array((shape, data))?.into_dyn()
-                }
-                _ => {
-                    let mut data = Vec::with_capacity(n * per_item);
-                    for item in items {
-                        match &item[j] {
-                            TensorData::F32(v) if v.len() == per_item => data.extend_from_slice(v),
-                            _ => bail!("batch item has the wrong type or size for {}", spec.name),
-                        }
-                    }
-                    Tensor::from_array((shape, data))?.into_dyn()
-                }
+                }};
+            }
+            let value = match first {
+                TensorData::F32(_) => stack!(F32),
+                TensorData::I64(_) => stack!(I64),
+                TensorData::I32(_) => stack!(I32),
             };
             values.push((spec.name.clone(), value));
         }
         let outputs = self.session.run(values)?;
         let (shape, data) = outputs[self.output.as_str()].try_extract_tensor::<f32>()?;
         let per_item = data.len().checked_div(n).unwrap_or(0);
-        if shape.first() != Some(&(n as i64)) || per_item * n != data.len() {
+        if shape.first() != Some(&(rows as i64)) || per_item * n != data.len() {
             bail!(
-                "output {} has shape {shape:?} for a batch of {n}",
+                "output {} has shape {shape:?} for a batch of {rows} rows",
                 self.output
             );
         }
-        Ok(data.chunks(per_item).map(<[f32]>::to_vec).collect())
+        Ok(data.chunks(per_item.max(1)).map(<[f32]>::to_vec).collect())
     }
 
     /// The output's shape per item (without the batch dimension), as declared by the model.

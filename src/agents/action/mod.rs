@@ -7,6 +7,7 @@
 //! outside every mask stay byte-for-byte equal to the input. The tools themselves are in
 //! [`tool::REGISTRY`].
 
+pub mod diffusion;
 pub mod onnx_inpaint;
 pub mod patchmatch;
 pub mod tool;

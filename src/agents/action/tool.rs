@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{onnx_inpaint, patchmatch};
+use super::{diffusion, onnx_inpaint, patchmatch};
 use crate::agents::reasoning::Region;
 use crate::agents::{LoadContext, ModelInfo, ServedModel};
 use crate::error::JobError;
@@ -27,7 +27,7 @@ pub struct ToolEntry {
 }
 
 /// Every tool this build knows.
-pub const REGISTRY: &[ToolEntry] = &[onnx_inpaint::ENTRY, patchmatch::ENTRY];
+pub const REGISTRY: &[ToolEntry] = &[diffusion::ENTRY, onnx_inpaint::ENTRY, patchmatch::ENTRY];
 
 /// The name of a tool in [`REGISTRY`]: parsing is the only way to make one, so holding a
 /// `ToolName` means the tool exists in this build.
@@ -102,6 +102,9 @@ pub struct JobContext<'a> {
     pub prompt: &'a str,
     /// The loop iteration (0-based) the repair happens in.
     pub iteration: usize,
+    /// The job's `options.diffusion_steps` (bounded by the job contract; a diffusion tool
+    /// bounds it further to its bundle's `max_steps`).
+    pub diffusion_steps: Option<u32>,
 }
 
 /// One region to repair, cut out of the image.
@@ -151,7 +154,10 @@ mod tests {
         );
         let err = ToolName::parse("photoshop").unwrap_err().to_string();
         assert!(err.contains("\"photoshop\""), "{err}");
-        assert!(err.contains("onnx-inpaint, patchmatch"), "{err}");
+        assert!(
+            err.contains("diffusion-inpaint, onnx-inpaint, patchmatch"),
+            "{err}"
+        );
     }
 
     #[test]
