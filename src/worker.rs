@@ -189,7 +189,7 @@ pub async fn consume(
             break;
         }
         let conn = broker::connect_with_retry(
-            &settings.broker.url,
+            &settings.broker.endpoint(),
             &name,
             Duration::from_secs(settings.broker.connect_timeout_secs),
         )

@@ -33,7 +33,7 @@ fn amqp_url() -> String {
 }
 
 async fn connection() -> Connection {
-    broker::connect(&amqp_url(), "retoucher-tests")
+    broker::connect(&broker::Endpoint::new(amqp_url()), "retoucher-tests")
         .await
         .expect("RabbitMQ must be running for these tests (RETOUCHER_TEST_AMQP_URL)")
 }
@@ -168,14 +168,14 @@ fn redact_hides_passwords_only() {
 
 #[tokio::test]
 async fn invalid_url_error_does_not_leak_the_password() {
-    let error = broker::connect("amqp://user:hunter2@[::1", "t")
+    let error = broker::connect(&broker::Endpoint::new("amqp://user:hunter2@[::1"), "t")
         .await
         .expect_err("broken URL");
     assert!(matches!(error, BrokerError::InvalidUrl { .. }), "{error}");
     assert!(!error.to_string().contains("hunter2"), "{error}");
 
     let error = broker::connect_with_retry(
-        "amqp://user:hunter2@127.0.0.1:1/%2f",
+        &broker::Endpoint::new("amqp://user:hunter2@127.0.0.1:1/%2f"),
         "t",
         Duration::from_millis(600),
     )
@@ -610,7 +610,7 @@ async fn enqueue_publishes_every_job() {
         let jobs: Vec<Vec<u8>> = (0..500)
             .map(|i| format!("{{\"job_id\":\"job-{i}\"}}").into_bytes())
             .collect();
-        let report = enqueue(&amqp_url(), &queue, jobs, false)
+        let report = enqueue(&broker::Endpoint::new(amqp_url()), &queue, jobs, false)
             .await
             .expect("enqueue");
         assert_eq!(report.published, 500, "{:?}", report.failed);
@@ -632,9 +632,14 @@ async fn enqueue_publishes_every_job() {
 #[tokio::test]
 async fn enqueue_to_a_missing_queue_says_run_migrate() {
     with_queue(|queue| async move {
-        let error = enqueue(&amqp_url(), &queue, vec![b"{}".to_vec()], false)
-            .await
-            .expect_err("queue missing");
+        let error = enqueue(
+            &broker::Endpoint::new(amqp_url()),
+            &queue,
+            vec![b"{}".to_vec()],
+            false,
+        )
+        .await
+        .expect_err("queue missing");
         assert!(error.to_string().contains("retoucher migrate"), "{error}");
     })
     .await;
@@ -654,7 +659,7 @@ async fn enqueue_throughput() {
                     .into_bytes()
             })
             .collect();
-        let report = enqueue(&amqp_url(), &queue, jobs, true)
+        let report = enqueue(&broker::Endpoint::new(amqp_url()), &queue, jobs, true)
             .await
             .expect("enqueue");
         assert!(

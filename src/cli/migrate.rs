@@ -19,7 +19,7 @@ pub struct MigrateArgs {
 }
 
 pub async fn run(args: MigrateArgs, settings: Settings) -> anyhow::Result<ExitCode> {
-    let conn = broker::connect(&settings.broker.url, "retoucher-migrate").await?;
+    let conn = broker::connect(&settings.broker.endpoint(), "retoucher-migrate").await?;
     let queue = &settings.broker.queue;
     let result = if args.dry_run {
         plan(&conn, queue).await
