@@ -822,8 +822,7 @@ async fn load_run_every_job_accounted_for() {
             r.duplicate
         );
     }
-    delete_topology(&world.conn, &world.queue).await;
-    world.delete_buckets().await;
+    world.cleanup().await;
 }
 
 struct Reconciled {
