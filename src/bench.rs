@@ -557,7 +557,11 @@ async fn through_broker(
         uris.push(uri.to_string());
     }
     let conn = crate::broker::connect(&settings.broker.endpoint(), "retoucher-bench").await?;
-    crate::broker::verify(&conn, &settings.broker.queue).await?;
+    settings
+        .broker
+        .migrations()?
+        .verify(&conn, &settings.broker.queue)
+        .await?;
     let channel = conn.create_channel().await?;
     let events = channel
         .queue_declare(

@@ -39,12 +39,20 @@ pub struct BrokerSettings {
     /// Files for `amqps://` URLs (`broker.tls.*`).
     #[serde(default)]
     pub tls: crate::broker::TlsFiles,
+    /// A folder of migration files used instead of the built-in ones; empty = built-in.
+    #[serde(default)]
+    pub migrations: PathBuf,
 }
 
 impl BrokerSettings {
     /// The URL and TLS files, as [`crate::broker::connect`] takes them.
     pub fn endpoint(&self) -> crate::broker::Endpoint {
         crate::broker::Endpoint::new(self.url.clone()).with_tls(self.tls.clone())
+    }
+
+    /// The broker topology's migrations: built in, or `broker.migrations`.
+    pub fn migrations(&self) -> Result<crate::broker::Migrations, crate::broker::BrokerError> {
+        crate::broker::Migrations::configured(&self.migrations)
     }
 }
 
@@ -202,12 +210,15 @@ impl Settings {
         crate::engine::Device::parse(&self.models.device)?;
         self.broker.tls.check_against(&self.broker.url)?;
         // The retry settings must fit the delay queues that the topology declares.
-        crate::broker::RetryPolicy::new(&self.broker.queue, &self.retry).with_context(|| {
-            format!(
-                "checking retry.* against the broker topology of `{}`",
-                self.broker.queue
-            )
-        })?;
+        let migrations = self.broker.migrations().context("broker.migrations")?;
+        crate::broker::RetryPolicy::of(&migrations, &self.broker.queue, &self.retry).with_context(
+            || {
+                format!(
+                    "checking retry.* against the broker topology of `{}`",
+                    self.broker.queue
+                )
+            },
+        )?;
         Ok(())
     }
 }

@@ -154,7 +154,7 @@ async fn migrate_upgrades_v1_to_v2_and_a_worker_refuses_a_v1_broker() {
         .await
         .expect("migrate to v1");
     assert_eq!((report.from, report.to), (0, 1), "{report}");
-    assert_eq!(report.applied, [(1, "0001_initial")]);
+    assert_eq!(report.applied, [(1, "0001_initial".to_owned())]);
     assert_eq!(topology::current_version(conn, &queue).await.unwrap(), 1);
     let error = broker::verify(conn, &queue)
         .await

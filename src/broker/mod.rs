@@ -17,7 +17,7 @@ pub use connection::{close, connect, connect_with_retry, redact, Endpoint};
 pub use publisher::{Event, EventError, EventStatus, Publisher};
 pub use retry::{attempt_of, RetryDecision, RetryPolicy, ATTEMPT_HEADER};
 pub use tls::TlsFiles;
-pub use topology::{migrate, migrate_to, verify, MigrationReport};
+pub use topology::{migrate, migrate_to, verify, MigrationReport, Migrations};
 
 use crate::error::{ErrorClass, JobError};
 
@@ -112,11 +112,14 @@ pub enum BrokerError {
         needed: u32,
     },
 
-    #[error("broker topology for `{queue}` is at version {current}, newer than version {known} that this binary knows: upgrade the worker")]
+    /// The broker is past every version this binary knows, and version `needed` among them is
+    /// not additive: what it changed, this binary cannot follow.
+    #[error("broker topology for `{queue}` is at version {current}, and version {needed} of it is not additive, while this binary knows versions up to {known} only: upgrade the worker (deploy one built with topology version {needed} or later)")]
     TopologyAhead {
         queue: String,
         current: u32,
         known: u32,
+        needed: u32,
     },
 
     #[error("broker topology for `{queue}` is at version {version} but {what} is missing: run `retoucher migrate`")]

@@ -881,11 +881,22 @@ impl Worker {
     }
 }
 
-/// Deletes every queue and version marker of the topology of jobs queue `queue` (dead-letter
-/// and retry delay queues included: [`World::cleanup`] predates topology v2 and leaves
-/// `{queue}.retry.*` behind). Each delete gets its own channel, since a failure closes it.
+/// How many versions past the built-in ones [`delete_topology`] clears markers for: tests that
+/// rehearse upgrades with migration folders of their own go a few versions further.
+const MARKERS_PAST_LATEST: u32 = 4;
+
+/// Deletes every queue and marker (version and additive) of the topology of jobs queue `queue`
+/// (dead-letter and retry delay queues included). Each delete gets its own channel, since a
+/// failure closes it.
 pub async fn delete_topology(conn: &Connection, queue: &str) {
-    let queues = retoucher::broker::topology::queue_names(queue).unwrap_or_default();
+    use retoucher::broker::topology;
+    let queues = topology::queue_names(queue).unwrap_or_default();
+    let markers = (1..=topology::latest_version() + MARKERS_PAST_LATEST).flat_map(|v| {
+        [
+            topology::marker_exchange(queue, v),
+            topology::additive_marker(queue, v),
+        ]
+    });
     for q in queues {
         if let Ok(channel) = conn.create_channel().await {
             let _ = channel
@@ -894,15 +905,10 @@ pub async fn delete_topology(conn: &Connection, queue: &str) {
             let _ = channel.close(0, "done".into()).await;
         }
     }
-    for v in 1..=retoucher::broker::topology::latest_version() + 1 {
+    for marker in markers {
         if let Ok(channel) = conn.create_channel().await {
             let _ = channel
-                .exchange_delete(
-                    retoucher::broker::topology::marker_exchange(queue, v)
-                        .as_str()
-                        .into(),
-                    Default::default(),
-                )
+                .exchange_delete(marker.as_str().into(), Default::default())
                 .await;
             let _ = channel.close(0, "done".into()).await;
         }
