@@ -32,21 +32,6 @@ const CTL: Duration = Duration::from_secs(120);
 /// Bound on every wait below.
 const WAIT: Duration = Duration::from_secs(180);
 
-/// Starts the broker's application again when dropped, so that a failing (panicking) test never
-/// leaves the machine's RabbitMQ stopped. `start_app` on a running broker is a no-op.
-struct BrokerGuard;
-
-impl Drop for BrokerGuard {
-    fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl_test_node(&["start_app"], CTL) {
-            eprintln!("broker guard: {e}");
-        }
-        if let Err(e) = rabbitmqctl_test_node(&["await_startup"], CTL) {
-            eprintln!("broker guard: {e}");
-        }
-    }
-}
-
 fn job(world: &World, id: &str) -> Vec<u8> {
     json!({
         "job_id": id,

@@ -937,6 +937,22 @@ pub fn rabbitmqctl_test_node(args: &[&str], timeout: Duration) -> Result<String,
     rabbitmqctl(&all, timeout)
 }
 
+/// Starts the test broker's application again when dropped, so that a failing (panicking) test
+/// that stopped it never leaves it stopped. `start_app` on a running broker is a no-op.
+pub struct BrokerGuard;
+
+impl Drop for BrokerGuard {
+    fn drop(&mut self) {
+        let limit = Duration::from_secs(120);
+        if let Err(e) = rabbitmqctl_test_node(&["start_app"], limit) {
+            eprintln!("broker guard: {e}");
+        }
+        if let Err(e) = rabbitmqctl_test_node(&["await_startup"], limit) {
+            eprintln!("broker guard: {e}");
+        }
+    }
+}
+
 /// Runs `rabbitmqctl ARGS` with a deadline; `Err` (with its output) when it is missing, fails or
 /// overruns. Tests that restart the broker need it (and the rights to run it: root, or the
 /// rabbitmq user's Erlang cookie).
