@@ -573,8 +573,12 @@ async fn through_broker(
             .map_err(|e| anyhow::anyhow!("uploading bench inputs: {e}"))?;
         uris.push(uri.to_string());
     }
-    let conn = crate::broker::connect(&settings.broker.url, "retoucher-bench").await?;
-    crate::broker::verify(&conn, &settings.broker.queue).await?;
+    let conn = crate::broker::connect(&settings.broker.endpoint(), "retoucher-bench").await?;
+    settings
+        .broker
+        .migrations()?
+        .verify(&conn, &settings.broker.queue)
+        .await?;
     let channel = conn.create_channel().await?;
     let events = channel
         .queue_declare(

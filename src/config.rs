@@ -36,6 +36,24 @@ pub struct BrokerSettings {
     pub queue: String,
     pub prefetch: u16,
     pub connect_timeout_secs: u64,
+    /// Files for `amqps://` URLs (`broker.tls.*`).
+    #[serde(default)]
+    pub tls: crate::broker::TlsFiles,
+    /// A folder of migration files used instead of the built-in ones; empty = built-in.
+    #[serde(default)]
+    pub migrations: PathBuf,
+}
+
+impl BrokerSettings {
+    /// The URL and TLS files, as [`crate::broker::connect`] takes them.
+    pub fn endpoint(&self) -> crate::broker::Endpoint {
+        crate::broker::Endpoint::new(self.url.clone()).with_tls(self.tls.clone())
+    }
+
+    /// The broker topology's migrations: built in, or `broker.migrations`.
+    pub fn migrations(&self) -> Result<crate::broker::Migrations, crate::broker::BrokerError> {
+        crate::broker::Migrations::configured(&self.migrations)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,13 +208,17 @@ impl Settings {
             "s3.max_attempts must be at least 1"
         );
         crate::engine::Device::parse(&self.models.device)?;
+        self.broker.tls.check_against(&self.broker.url)?;
         // The retry settings must fit the delay queues that the topology declares.
-        crate::broker::RetryPolicy::new(&self.broker.queue, &self.retry).with_context(|| {
-            format!(
-                "checking retry.* against the broker topology of `{}`",
-                self.broker.queue
-            )
-        })?;
+        let migrations = self.broker.migrations().context("broker.migrations")?;
+        crate::broker::RetryPolicy::of(&migrations, &self.broker.queue, &self.retry).with_context(
+            || {
+                format!(
+                    "checking retry.* against the broker topology of `{}`",
+                    self.broker.queue
+                )
+            },
+        )?;
         Ok(())
     }
 }
@@ -262,6 +284,36 @@ mod tests {
         assert_eq!(s.retry.max_attempts, 3);
         let err = Settings::load(None, &[("retry.delays_ms".into(), "2000".into())]).unwrap_err();
         assert!(format!("{err:#}").contains("TTL"), "{err:#}");
+    }
+
+    #[test]
+    fn broker_tls_keys_are_read_and_checked() {
+        let s = Settings::load(None, &[]).unwrap();
+        assert!(!s.broker.tls.is_set());
+        let s = Settings::load(
+            None,
+            &[
+                ("broker.url".into(), "amqps://mq.example:5671/%2f".into()),
+                ("broker.tls.ca_file".into(), "/etc/retoucher/ca.pem".into()),
+                (
+                    "broker.tls.cert_file".into(),
+                    "/etc/retoucher/client.pem".into(),
+                ),
+                (
+                    "broker.tls.key_file".into(),
+                    "/etc/retoucher/client.key".into(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.broker.tls.ca_file, Path::new("/etc/retoucher/ca.pem"));
+        assert_eq!(
+            s.broker.endpoint().tls.key_file,
+            Path::new("/etc/retoucher/client.key")
+        );
+        let err =
+            Settings::load(None, &[("broker.tls.ca_file".into(), "ca.pem".into())]).unwrap_err();
+        assert!(format!("{err:#}").contains("amqps://"), "{err:#}");
     }
 
     #[test]

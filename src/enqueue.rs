@@ -45,13 +45,13 @@ pub struct EnqueueFailure {
 /// (connection, missing queue); per-job failures are in the report. With `progress`, prints a
 /// rate line to stderr about once a second.
 pub async fn enqueue(
-    url: &str,
+    endpoint: &broker::Endpoint,
     queue: &str,
     jobs: Vec<Vec<u8>>,
     progress: bool,
 ) -> anyhow::Result<EnqueueReport> {
     let started = Instant::now();
-    let conn = broker::connect(url, "retoucher-enqueue").await?;
+    let conn = broker::connect(endpoint, "retoucher-enqueue").await?;
     let channel = conn
         .create_channel()
         .await

@@ -172,7 +172,8 @@ pub async fn consume(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let queue = settings.broker.queue.clone();
-    let retry = RetryPolicy::new(&queue, &settings.retry)?;
+    let migrations = settings.broker.migrations()?;
+    let retry = RetryPolicy::of(&migrations, &queue, &settings.retry)?;
     let name = format!(
         "retoucher-worker@{}",
         gethostname::gethostname().to_string_lossy()
@@ -189,13 +190,15 @@ pub async fn consume(
             break;
         }
         let conn = broker::connect_with_retry(
-            &settings.broker.url,
+            &settings.broker.endpoint(),
             &name,
             Duration::from_secs(settings.broker.connect_timeout_secs),
         )
         .await?;
-        // A topology mismatch is fatal: the operator has to run `retoucher migrate`.
-        broker::verify(&conn, &queue).await?;
+        // A topology this worker cannot work with is fatal: the operator has to run
+        // `retoucher migrate`, or deploy the worker the error names. A broker ahead by
+        // additive versions only (a rolling upgrade) is fine.
+        migrations.verify(&conn, &queue).await?;
         let (publisher, channel, tag, mut consumer) =
             match open_consumer(&conn, &queue, &name, settings.broker.prefetch).await {
                 Ok(opened) => opened,

@@ -15,11 +15,32 @@ use serde_json::json;
 
 const JOBS: usize = 16;
 
-async fn run_jobs(
-    world: &World,
-    tag: &str,
-    worker: &Worker,
-) -> Vec<(serde_json::Value, image::RgbImage)> {
+/// What one run of [`JOBS`] jobs produced: per job its `job.succeeded` event, retouched image
+/// and diagnostics.
+struct Run {
+    jobs: Vec<(serde_json::Value, image::RgbImage, serde_json::Value)>,
+}
+
+impl Run {
+    /// Perception passes: one per iteration of every job's loop.
+    fn perception_passes(&self) -> usize {
+        self.jobs
+            .iter()
+            .map(|(_, _, d)| d["iterations"].as_array().map_or(0, Vec::len))
+            .sum()
+    }
+
+    /// Regions classified: every region of every iteration of every job.
+    fn regions(&self) -> usize {
+        self.jobs
+            .iter()
+            .flat_map(|(_, _, d)| d["iterations"].as_array().cloned().unwrap_or_default())
+            .map(|it| it["regions"].as_array().map_or(0, Vec::len))
+            .sum()
+    }
+}
+
+async fn run_jobs(world: &World, tag: &str, worker: &Worker) -> Run {
     let mut events = world.events().await;
     let ids: Vec<String> = (0..JOBS).map(|i| format!("{tag}-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
@@ -33,24 +54,65 @@ async fn run_jobs(
             .await;
     }
     let events = events.wait_for(&ids, Duration::from_secs(180)).await;
-    let mut out = Vec::new();
+    let mut jobs = Vec::new();
     for (id, (key, event)) in ids.iter().zip(events) {
         assert_eq!(key, "job.succeeded", "{event}\n{}", worker.log_text());
         let png = world
             .get(&world.output, &format!("results/{id}/retouched.png"))
             .await
             .expect("retouched.png");
-        out.push((event, decode(&png)));
+        let diagnostics = world
+            .get(&world.output, &format!("results/{id}/diagnostics.json"))
+            .await
+            .expect("diagnostics.json");
+        let diagnostics = serde_json::from_slice(&diagnostics).expect("diagnostics is JSON");
+        jobs.push((event, decode(&png), diagnostics));
     }
-    out
+    Run { jobs }
 }
 
-fn mean_batch(metrics: &str, model: &str) -> f64 {
-    let label = format!("model=\"{model}\"");
-    let sum = metric_sum(metrics, "retoucher_batch_size_sum", &label);
-    let count = metric_sum(metrics, "retoucher_batch_size_count", &label);
-    assert!(count > 0.0, "no {model} batches in /metrics");
-    sum / count
+/// The batching counters of one model, as `/metrics` shows them now.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    /// Requests served (`retoucher_batch_size_sum`).
+    items: f64,
+    /// Model calls (`retoucher_batch_size_count`).
+    calls: f64,
+    /// Calls by why their batch closed (`retoucher_batches_total{reason}`).
+    full: f64,
+    timeout: f64,
+    drained: f64,
+}
+
+impl Counts {
+    fn of(metrics: &str, model: &str) -> Counts {
+        let label = format!("model=\"{model}\"");
+        let reason = |r: &str| {
+            metric_sum(
+                metrics,
+                "retoucher_batches_total",
+                &format!("{label},reason=\"{r}\""),
+            )
+        };
+        Counts {
+            items: metric_sum(metrics, "retoucher_batch_size_sum", &label),
+            calls: metric_sum(metrics, "retoucher_batch_size_count", &label),
+            full: reason("full"),
+            timeout: reason("timeout"),
+            drained: reason("drained"),
+        }
+    }
+
+    /// What happened between `before` and `self`.
+    fn since(self, before: Counts) -> Counts {
+        Counts {
+            items: self.items - before.items,
+            calls: self.calls - before.calls,
+            full: self.full - before.full,
+            timeout: self.timeout - before.timeout,
+            drained: self.drained - before.drained,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,35 +137,39 @@ async fn concurrent_jobs_are_batched_and_batching_does_not_change_results() {
     let mut worker = world.start_worker(&batched);
     // Warm-up batches count too: read the baseline first.
     let baseline = worker.metrics();
-    let warm_sum = metric_sum(
-        &baseline,
-        "retoucher_batch_size_sum",
-        "model=\"perception\"",
-    );
-    let warm_count = metric_sum(
-        &baseline,
-        "retoucher_batch_size_count",
-        "model=\"perception\"",
-    );
     let with_batching = run_jobs(&world, &unique("b"), &worker).await;
     let metrics = worker.metrics();
-    let sum = metric_sum(&metrics, "retoucher_batch_size_sum", "model=\"perception\"") - warm_sum;
-    let count = metric_sum(
-        &metrics,
-        "retoucher_batch_size_count",
-        "model=\"perception\"",
-    ) - warm_count;
-    let perception_mean = sum / count;
-    assert!(
-        perception_mean > 1.0,
-        "perception mean batch size {perception_mean} ({sum} requests in {count} calls)"
+    let perception = Counts::of(&metrics, "perception").since(Counts::of(&baseline, "perception"));
+    let classifier = Counts::of(&metrics, "classifier").since(Counts::of(&baseline, "classifier"));
+    // Exact counts, from what the jobs did (their diagnostics): one perception request per
+    // loop iteration, one classifier request per region found.
+    let passes = with_batching.perception_passes();
+    let regions = with_batching.regions();
+    assert!(passes >= JOBS, "{passes} perception passes for {JOBS} jobs");
+    assert!(regions > 0, "the blemished examples have regions");
+    assert_eq!(
+        perception.items, passes as f64,
+        "perception requests: {perception:?}"
     );
-    assert!(mean_batch(&metrics, "classifier") >= 1.0);
-    assert!(
-        metric_sum(&metrics, "retoucher_batches_total", "reason=\"full\"")
-            + metric_sum(&metrics, "retoucher_batches_total", "reason=\"timeout\"")
-            > 0.0
+    assert_eq!(
+        classifier.items, regions as f64,
+        "classifier requests: {classifier:?}"
     );
+    // Batched: fewer perception calls than requests.
+    assert!(
+        perception.calls < perception.items,
+        "perception mean batch size {} ({perception:?})",
+        perception.items / perception.calls
+    );
+    // Every call is accounted for by why its batch closed, and none by a shutdown.
+    for (model, counts) in [("perception", perception), ("classifier", classifier)] {
+        assert_eq!(
+            counts.full + counts.timeout,
+            counts.calls,
+            "{model}: every batch closed full or on its delay: {counts:?}"
+        );
+        assert_eq!(counts.drained, 0.0, "{model}: {counts:?}");
+    }
     assert!(worker.terminate());
 
     let one = [
@@ -113,16 +179,19 @@ async fn concurrent_jobs_are_batched_and_batching_does_not_change_results() {
         ("RETOUCHER__BATCHING__INPAINT__MAX_BATCH_SIZE", "1"),
     ];
     let mut single = world.start_worker(&one);
+    let baseline = single.metrics();
     let without = run_jobs(&world, &unique("s"), &single).await;
     let metrics = single.metrics();
-    assert_eq!(
-        mean_batch(&metrics, "perception"),
-        1.0,
-        "batch size 1 was applied"
-    );
+    let perception = Counts::of(&metrics, "perception").since(Counts::of(&baseline, "perception"));
+    let classifier = Counts::of(&metrics, "classifier").since(Counts::of(&baseline, "classifier"));
+    // Batch size 1: one call per request, as many requests as the batched run.
+    assert_eq!(perception.calls, perception.items, "{perception:?}");
+    assert_eq!(classifier.calls, classifier.items, "{classifier:?}");
+    assert_eq!(perception.items, passes as f64, "{perception:?}");
+    assert_eq!(classifier.items, regions as f64, "{classifier:?}");
     assert!(single.terminate());
 
-    for (i, ((ea, a), (eb, b))) in with_batching.iter().zip(&without).enumerate() {
+    for (i, ((ea, a, _), (eb, b, _))) in with_batching.jobs.iter().zip(&without.jobs).enumerate() {
         assert_eq!(ea["regions"], eb["regions"], "job {i}: same regions found");
         assert_eq!(ea["status"], eb["status"]);
         let max_diff = a

@@ -5,10 +5,12 @@
 //! complete result set, leaving the queues empty.
 //!
 //! This is its own test binary on purpose: cargo runs test binaries one after another, so no
-//! other test of this crate shares the broker while it is down. It restarts the *machine's*
-//! broker, the one on `RETOUCHER_TEST_AMQP_URL` (127.0.0.1:5672), with `rabbitmqctl`: run it as
-//! root (or as a user holding the broker's Erlang cookie). A guard starts the broker again
-//! whatever happens, panics included.
+//! other test of this crate shares the broker while it is down. It restarts the broker on
+//! `RETOUCHER_TEST_AMQP_URL` with `rabbitmqctl`: the node `RETOUCHER_TEST_RABBITMQ_NODE` names
+//! (`rabbitmqctl -n`), or by default the machine's node (127.0.0.1:5672). On a machine whose
+//! broker others use, point both at the private node of `scripts/rabbitmq-tls.sh` (its plain
+//! listener) instead. Run it as root (or as a user holding the broker's Erlang cookie). A guard
+//! starts the broker again whatever happens, panics included.
 //!
 //! Events published while the broker is down are lost, and so is this test's own connection,
 //! so completion is checked in S3 (the commit marker of every job) and, after the restart, over
@@ -29,21 +31,6 @@ const OUTAGE: Duration = Duration::from_secs(3);
 const CTL: Duration = Duration::from_secs(120);
 /// Bound on every wait below.
 const WAIT: Duration = Duration::from_secs(180);
-
-/// Starts the broker's application again when dropped, so that a failing (panicking) test never
-/// leaves the machine's RabbitMQ stopped. `start_app` on a running broker is a no-op.
-struct BrokerGuard;
-
-impl Drop for BrokerGuard {
-    fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl(&["start_app"], CTL) {
-            eprintln!("broker guard: {e}");
-        }
-        if let Err(e) = rabbitmqctl(&["await_startup"], CTL) {
-            eprintln!("broker guard: {e}");
-        }
-    }
-}
 
 fn job(world: &World, id: &str) -> Vec<u8> {
     json!({
@@ -84,7 +71,7 @@ fn jobs_total(worker: &Worker, outcome: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_restarted_under_load_the_worker_reconnects_and_every_job_completes() {
-    if let Err(e) = rabbitmqctl(&["status"], CTL) {
+    if let Err(e) = rabbitmqctl_test_node(&["status"], CTL) {
         panic!(
             "this test restarts RabbitMQ with `rabbitmqctl stop_app` / `start_app`, and rabbitmqctl \
              cannot control the broker here. Run it on the machine of the broker at \
@@ -92,8 +79,8 @@ async fn rabbitmq_restarted_under_load_the_worker_reconnects_and_every_job_compl
         );
     }
     // A previous run killed half-way could have left it stopped: the guard's job, but be sure.
-    rabbitmqctl(&["start_app"], CTL).expect("start the broker before the test");
-    rabbitmqctl(&["await_startup"], CTL).expect("wait for the broker before the test");
+    rabbitmqctl_test_node(&["start_app"], CTL).expect("start the broker before the test");
+    rabbitmqctl_test_node(&["await_startup"], CTL).expect("wait for the broker before the test");
 
     let mut world = World::new().await;
     let input = example("chelsea-blemished.png");
@@ -130,7 +117,7 @@ async fn rabbitmq_restarted_under_load_the_worker_reconnects_and_every_job_compl
     // The restart. From here on the guard starts the broker again whatever happens.
     let guard = BrokerGuard;
     let stopped_at = Instant::now();
-    rabbitmqctl(&["stop_app"], CTL).expect("stop the broker");
+    rabbitmqctl_test_node(&["stop_app"], CTL).expect("stop the broker");
     let mut saw_disconnected = false;
     let mut saw_unready = false;
     while stopped_at.elapsed() < OUTAGE {
@@ -145,8 +132,8 @@ async fn rabbitmq_restarted_under_load_the_worker_reconnects_and_every_job_compl
         "the worker died with the broker:\n{}",
         worker.log_text()
     );
-    rabbitmqctl(&["start_app"], CTL).expect("start the broker again");
-    rabbitmqctl(&["await_startup"], CTL).expect("wait for the broker to start");
+    rabbitmqctl_test_node(&["start_app"], CTL).expect("start the broker again");
+    rabbitmqctl_test_node(&["await_startup"], CTL).expect("wait for the broker to start");
     let outage = stopped_at.elapsed();
     drop(guard);
     assert!(

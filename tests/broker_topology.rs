@@ -33,7 +33,7 @@ fn amqp_url() -> String {
 }
 
 async fn connection() -> Connection {
-    broker::connect(&amqp_url(), "retoucher-tests")
+    broker::connect(&broker::Endpoint::new(amqp_url()), "retoucher-tests")
         .await
         .expect("RabbitMQ must be running for these tests (RETOUCHER_TEST_AMQP_URL)")
 }
@@ -66,13 +66,15 @@ async fn cleanup(queue: &str) {
             .await;
     }
     for version in 1..=topology::latest_version() + 2 {
-        let channel = conn.create_channel().await.expect("channel");
-        let _ = channel
-            .exchange_delete(
-                marker_exchange(queue, version).as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
+        for marker in [
+            marker_exchange(queue, version),
+            topology::additive_marker(queue, version),
+        ] {
+            let channel = conn.create_channel().await.expect("channel");
+            let _ = channel
+                .exchange_delete(marker.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
     }
     let _ = conn.close(200, "cleanup".into()).await;
 }
@@ -127,7 +129,7 @@ fn header_str(properties: &BasicProperties, name: &str) -> String {
 
 #[test]
 fn embedded_migrations_parse_and_are_numbered_from_one() {
-    for (i, migration) in topology::MIGRATIONS.iter().enumerate() {
+    for (i, migration) in topology::Migrations::embedded().iter().enumerate() {
         assert_eq!(migration.version as usize, i + 1, "{}", migration.name);
         assert!(
             migration
@@ -138,7 +140,7 @@ fn embedded_migrations_parse_and_are_numbered_from_one() {
         );
     }
     let plan = topology::plan("retoucher.jobs").expect("migrations parse");
-    assert_eq!(plan.len(), topology::MIGRATIONS.len());
+    assert_eq!(plan.len(), topology::Migrations::embedded().len());
     let steps = plan[0].steps.join("\n");
     assert!(steps.contains("queue `retoucher.jobs`"), "{steps}");
     assert!(steps.contains("x-queue-type=quorum"), "{steps}");
@@ -168,14 +170,14 @@ fn redact_hides_passwords_only() {
 
 #[tokio::test]
 async fn invalid_url_error_does_not_leak_the_password() {
-    let error = broker::connect("amqp://user:hunter2@[::1", "t")
+    let error = broker::connect(&broker::Endpoint::new("amqp://user:hunter2@[::1"), "t")
         .await
         .expect_err("broken URL");
     assert!(matches!(error, BrokerError::InvalidUrl { .. }), "{error}");
     assert!(!error.to_string().contains("hunter2"), "{error}");
 
     let error = broker::connect_with_retry(
-        "amqp://user:hunter2@127.0.0.1:1/%2f",
+        &broker::Endpoint::new("amqp://user:hunter2@127.0.0.1:1/%2f"),
         "t",
         Duration::from_millis(600),
     )
@@ -197,7 +199,7 @@ async fn migrate_then_verify() {
         let report = broker::migrate(&conn, &queue).await.expect("migrate");
         assert_eq!(report.from, 0);
         assert_eq!(report.to, topology::latest_version());
-        assert_eq!(report.applied.len(), topology::MIGRATIONS.len());
+        assert_eq!(report.applied.len(), topology::Migrations::embedded().len());
         let version = broker::verify(&conn, &queue).await.expect("verify");
         assert_eq!(version, topology::latest_version());
     })
@@ -290,11 +292,12 @@ async fn verify_notices_a_deleted_queue() {
 }
 
 #[tokio::test]
-async fn newer_broker_topology_is_refused() {
+async fn a_newer_topology_that_is_not_additive_is_refused() {
     with_queue(|queue| async move {
         let conn = connection().await;
         broker::migrate(&conn, &queue).await.expect("migrate");
-        // Pretend a newer binary applied the next version.
+        // Pretend a newer binary applied the next version, not an additive one (no additive
+        // marker).
         let channel = conn.create_channel().await.expect("channel");
         let next = topology::latest_version() + 1;
         channel
@@ -312,7 +315,7 @@ async fn newer_broker_topology_is_refused() {
             .expect("declare marker");
         let error = broker::migrate(&conn, &queue).await.expect_err("newer");
         assert!(
-            matches!(error, BrokerError::TopologyAhead { current, .. } if current == next),
+            matches!(error, BrokerError::TopologyAhead { current, needed, .. } if current == next && needed == next),
             "{error}"
         );
         assert!(error.to_string().contains("upgrade the worker"), "{error}");
@@ -610,7 +613,7 @@ async fn enqueue_publishes_every_job() {
         let jobs: Vec<Vec<u8>> = (0..500)
             .map(|i| format!("{{\"job_id\":\"job-{i}\"}}").into_bytes())
             .collect();
-        let report = enqueue(&amqp_url(), &queue, jobs, false)
+        let report = enqueue(&broker::Endpoint::new(amqp_url()), &queue, jobs, false)
             .await
             .expect("enqueue");
         assert_eq!(report.published, 500, "{:?}", report.failed);
@@ -632,9 +635,14 @@ async fn enqueue_publishes_every_job() {
 #[tokio::test]
 async fn enqueue_to_a_missing_queue_says_run_migrate() {
     with_queue(|queue| async move {
-        let error = enqueue(&amqp_url(), &queue, vec![b"{}".to_vec()], false)
-            .await
-            .expect_err("queue missing");
+        let error = enqueue(
+            &broker::Endpoint::new(amqp_url()),
+            &queue,
+            vec![b"{}".to_vec()],
+            false,
+        )
+        .await
+        .expect_err("queue missing");
         assert!(error.to_string().contains("retoucher migrate"), "{error}");
     })
     .await;
@@ -654,7 +662,7 @@ async fn enqueue_throughput() {
                     .into_bytes()
             })
             .collect();
-        let report = enqueue(&amqp_url(), &queue, jobs, true)
+        let report = enqueue(&broker::Endpoint::new(amqp_url()), &queue, jobs, true)
             .await
             .expect("enqueue");
         assert!(

@@ -1,32 +1,44 @@
-//! The load run of issue 4: at least 2,000 jobs through two worker processes with faults injected
-//! along the way, ending with every job accounted for (a complete result set in S3 or a dead
-//! letter with the right class) and the counts reconciled with the workers' `/metrics`.
+//! The load run of issue 4, with the broker restart of issue 9: jobs through two worker
+//! processes with faults injected along the way, ending with every job accounted for (a complete
+//! result set in S3 or a dead letter with the right class) and the counts reconciled with the
+//! workers' `/metrics`. Two sizes of the same run:
 //!
-//! Ignored by default (it takes minutes); `scripts/load-test.sh` runs it, with the servers up:
+//! - [`ci_load_run_with_a_kill_and_a_broker_restart`]: 300 jobs, worker A SIGKILLed at 30 % and
+//!   the broker restarted at 60 %; not ignored, so CI runs it (about a minute on 2 cores);
+//! - [`load_run_every_job_accounted_for`]: 2,000 jobs by default, ignored (minutes);
+//!   `scripts/load-test.sh` runs it, with the servers up:
 //!
-//!     cargo test --test load -- --ignored --nocapture
+//!       cargo test --test load -- --ignored --nocapture
+//!
+//! The broker restart stops and starts the broker on `RETOUCHER_TEST_AMQP_URL` with `rabbitmqctl`
+//! (the node `RETOUCHER_TEST_RABBITMQ_NODE` names, else the machine's), as `tests/broker_restart.rs`
+//! does: where others share the machine's broker, run it against the private node of
+//! `scripts/rabbitmq-tls.sh` (`RETOUCHER_TEST_BROKER=private scripts/test.sh --test load`).
 //!
 //! What it does, against the real RabbitMQ and S3 server (no mocks):
 //! 1. its own jobs queue (`retoucher migrate`, via `World::new`), buckets, and two inputs: the
 //!    451×300 `examples/chelsea-blemished.png` and a generated 128×128 blemished image;
-//! 2. an event consumer bound to `retoucher.events` before anything is published;
+//! 2. a durable event queue bound to `retoucher.events` before anything is published, so that
+//!    events survive the broker restart; its consumer reconnects by itself;
 //! 3. two workers, A and B, both with
 //!    `RETOUCHER_FAULTS=panic@after_fetch:boom-,sleep@after_diagnostics=4000:commit-`;
-//! 4. `retoucher enqueue @jobs.jsonl` with `LOAD_JOBS` jobs (default 2,000): 82 % small images,
-//!    10 % chelsea, 1 % small `commit-` jobs held 4 s after their commit marker, 5 % missing
-//!    images, 1 % a bucket outside the allowlist, 1 % `boom-` jobs that panic; plus
-//!    `LOAD_INVALID` (default 12) invalid messages published raw (enqueue would refuse them),
-//!    half before and half after the batch;
-//! 5. when the workers have settled `LOAD_KILL_AT` (default 0.35) of the messages, and as soon as
-//!    worker A holds a `commit-` job past its commit marker (at most 60 s later), A is scraped
-//!    one last time and SIGKILLed at once; 3 s later it is restarted (A′). The held job must
-//!    come back as a `duplicate`: acked without recomputing, no second event;
-//! 6. once every job has an outcome and the queues are idle: every expected success has a
+//! 4. `retoucher enqueue @jobs.jsonl` with the jobs: 82 % small images, 10 % chelsea, 1 % small
+//!    `commit-` jobs held 4 s after their commit marker, 5 % missing images, 1 % a bucket outside
+//!    the allowlist, 1 % `boom-` jobs that panic; plus invalid messages published raw (enqueue
+//!    would refuse them), half before and half after the batch;
+//! 5. when the workers have settled the kill share of the messages, and as soon as worker A holds
+//!    a `commit-` job past its commit marker (at most 60 s later), A is scraped one last time and
+//!    SIGKILLed at once; [`RESTART_DELAY`] later it is restarted (A′). The held job must come back
+//!    as a `duplicate`: acked without recomputing, no second event;
+//! 6. when the restart share is settled (if the run has one): the broker is stopped
+//!    (`rabbitmqctl stop_app`) for [`OUTAGE`] with jobs in flight, started again, and the workers
+//!    must reconnect by themselves;
+//! 7. once every job has an outcome and the queues are idle: every expected success has a
 //!    complete result set, every expected failure exactly the right dead-letter class, nothing
 //!    both and nothing neither; the counts are reconciled (see [`reconcile`]) and a summary is
 //!    printed, and written as JSON to `LOAD_REPORT` when set.
 //!
-//! Every wait is bounded (`LOAD_TIMEOUT_SECS`, default 900 s).
+//! Every wait is bounded.
 
 mod common;
 
@@ -36,7 +48,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{json, Value};
 
 /// `boom-` jobs panic; `commit-` jobs wait 4 s between their commit marker and their event and
@@ -45,6 +56,33 @@ const FAULTS: &str = "panic@after_fetch:boom-,sleep@after_diagnostics=4000:commi
 const READY: Duration = Duration::from_secs(120);
 /// `broker.prefetch` of the workers (the default, set explicitly: the reconciliation's bound).
 const PREFETCH: u64 = 8;
+/// How long after A's SIGKILL its replacement A′ is started, as an orchestrator would: long
+/// enough for B to take over A's unacknowledged deliveries first.
+const RESTART_DELAY: Duration = Duration::from_secs(3);
+/// How long the broker stays stopped in a run with a broker restart.
+const OUTAGE: Duration = Duration::from_secs(3);
+/// Bound on one `rabbitmqctl` command, and on the workers' reconnection after the restart.
+const CTL: Duration = Duration::from_secs(120);
+
+/// The shape of one load run.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Jobs published with `retoucher enqueue`.
+    jobs: usize,
+    /// Invalid messages published raw.
+    invalid: usize,
+    /// SIGKILL worker A once this share of the messages is settled.
+    kill_at: f64,
+    /// Restart the broker once this share is settled (after the kill), if at all.
+    restart_at: Option<f64>,
+    /// How long the kill may wait for A to hold a `commit-` job past its commit marker.
+    commit_wait: Duration,
+    /// Hold every job this long after its fetch (fault injection), so that a short run still
+    /// has a worker's prefetch of jobs in flight when the kill and the restart come.
+    pace: Option<Duration>,
+    /// Bound on the whole run.
+    timeout: Duration,
+}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -157,31 +195,172 @@ struct Seen {
     status: String,
 }
 
-/// Consumes `job.*` from `retoucher.events` on its own connection, from before the first job
-/// is published; keeps the events of this run's job ids (the exchange is shared).
-async fn watch_events(tag: String) -> Arc<Mutex<Vec<Seen>>> {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ for the event consumer");
-    let (channel, mut consumer) = event_consumer(&conn, "load-events").await;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink = seen.clone();
-    tokio::spawn(async move {
-        let _keep = (conn, channel);
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let Ok(event) = serde_json::from_slice::<Value>(&delivery.data) else {
-                continue;
-            };
-            let job_id = event["job_id"].as_str().unwrap_or_default().to_string();
-            if job_id.contains(&tag) {
-                sink.lock().unwrap().push(Seen {
-                    job_id,
-                    status: event["status"].as_str().unwrap_or_default().to_string(),
-                });
-            }
+/// Every `job.*` event of this run, from a durable quorum queue bound to `retoucher.events`
+/// before the first job is published: events confirmed to a worker are in that queue even if
+/// the broker restarts before they are read.
+struct EventLog {
+    queue: String,
+    state: Arc<Mutex<EventState>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    consumer: tokio::task::JoinHandle<()>,
+}
+
+/// The events recorded so far, and the bodies seen (to recognise redeliveries).
+struct EventState {
+    tag: String,
+    seen: Vec<Seen>,
+    bodies: HashSet<Vec<u8>>,
+}
+
+impl EventState {
+    /// Records one delivered event of this run. A redelivery of an event already recorded (its
+    /// ack was lost with the connection) is skipped; a second event published for the same job
+    /// (a duplicate delivery publishes `job.succeeded` again) is a new message, never a
+    /// redelivery, so it counts.
+    fn record(&mut self, body: &[u8], redelivered: bool) {
+        if !self.bodies.insert(body.to_vec()) && redelivered {
+            return;
         }
-    });
-    seen
+        let Ok(event) = serde_json::from_slice::<Value>(body) else {
+            return;
+        };
+        let job_id = event["job_id"].as_str().unwrap_or_default().to_string();
+        if job_id.contains(&self.tag) {
+            self.seen.push(Seen {
+                job_id,
+                status: event["status"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+    }
+}
+
+impl EventLog {
+    /// Declares and binds the queue (deleted with `world`), then consumes it on a connection
+    /// of its own that comes back after a broker restart.
+    async fn start(world: &World, tag: &str) -> EventLog {
+        use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+        use lapin::types::{AMQPValue, FieldTable, LongString};
+        let queue = format!("{}.load-events", world.queue);
+        world.track_queue(&queue);
+        let channel = world.conn.create_channel().await.expect("channel");
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await
+            .expect("declare the event queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                "retoucher.events".into(),
+                "job.*".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind the event queue");
+        let _ = channel.close(0, "done".into()).await;
+
+        let state = Arc::new(Mutex::new(EventState {
+            tag: tag.to_string(),
+            seen: Vec::new(),
+            bodies: HashSet::new(),
+        }));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let consumer = tokio::spawn(consume_events(
+            world.broker.clone(),
+            queue.clone(),
+            state.clone(),
+            stopped,
+        ));
+        EventLog {
+            queue,
+            state,
+            stop,
+            consumer,
+        }
+    }
+
+    /// Once nothing publishes any more: stops the consumer (what it took but did not ack goes
+    /// back to the queue) and takes what is left in the queue, so that every event is counted.
+    async fn finish(self, world: &World) -> Vec<Seen> {
+        use lapin::options::{BasicAckOptions, BasicGetOptions};
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(CTL, self.consumer).await.is_err() {
+            panic!("the event consumer did not stop within {CTL:?}");
+        }
+        let channel = world.conn.create_channel().await.expect("channel");
+        while let Ok(Some(message)) = channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
+            .await
+        {
+            self.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(&message.delivery.data, message.delivery.redelivered);
+            let _ = message.delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+        let _ = channel.close(0, "done".into()).await;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut state.seen)
+    }
+}
+
+/// The event consumer: records and acks each event; reconnects (every 250 ms) when the broker
+/// goes away, until told to stop.
+async fn consume_events(
+    broker: retoucher::broker::Endpoint,
+    queue: String,
+    state: Arc<Mutex<EventState>>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+    use lapin::types::FieldTable;
+    while !*stopped.borrow() {
+        let Ok(conn) = retoucher::broker::connect(&broker, "load-events").await else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        };
+        if let Ok(channel) = conn.create_channel().await {
+            let consuming = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "load-events".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await;
+            if let Ok(mut consumer) = consuming {
+                loop {
+                    let delivery = tokio::select! {
+                        delivery = consumer.next() => delivery,
+                        _ = stopped.changed() => None,
+                    };
+                    let Some(Ok(delivery)) = delivery else { break };
+                    state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(&delivery.data, delivery.redelivered);
+                    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                }
+            }
+            let _ = channel.close(200, "done".into()).await;
+        }
+        retoucher::broker::close(&conn, "done").await;
+        if !*stopped.borrow() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }
 
 /// The counters of one worker process, from its last `/metrics` scrape.
@@ -300,16 +479,76 @@ async fn pending(world: &World) -> u32 {
     sum
 }
 
+/// The run CI does: a few hundred jobs, a SIGKILL and a broker restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ci_load_run_with_a_kill_and_a_broker_restart() {
+    // Each job held 1 s: a worker's prefetch (8) bounds it to 8 jobs/s whatever the machine, so
+    // the kill and the restart meet jobs in flight and jobs still queued.
+    load_run(Plan {
+        jobs: 300,
+        invalid: 6,
+        kill_at: 0.25,
+        restart_at: Some(0.5),
+        commit_wait: Duration::from_secs(5),
+        pace: Some(Duration::from_secs(1)),
+        timeout: Duration::from_secs(600),
+    })
+    .await;
+}
+
+/// The full run of `scripts/load-test.sh` (docs/load-test.md), sized by `LOAD_*`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a load run of minutes: scripts/load-test.sh"]
 async fn load_run_every_job_accounted_for() {
-    let jobs: usize = env_or("LOAD_JOBS", 2000);
-    let invalid: usize = env_or("LOAD_INVALID", 12);
-    let kill_at: f64 = env_or("LOAD_KILL_AT", 0.35);
-    let timeout = Duration::from_secs(env_or("LOAD_TIMEOUT_SECS", 900));
+    load_run(Plan {
+        jobs: env_or("LOAD_JOBS", 2000),
+        invalid: env_or("LOAD_INVALID", 12),
+        kill_at: env_or("LOAD_KILL_AT", 0.35),
+        restart_at: std::env::var("LOAD_RESTART_AT")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        commit_wait: Duration::from_secs(60),
+        pace: None,
+        timeout: Duration::from_secs(env_or("LOAD_TIMEOUT_SECS", 900)),
+    })
+    .await;
+}
+
+/// Polls `cond` every 100 ms until it holds or `timeout` passes; returns whether it held.
+async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn load_run(plan: Plan) {
+    let Plan {
+        jobs,
+        invalid,
+        kill_at,
+        restart_at,
+        commit_wait,
+        pace,
+        timeout,
+    } = plan;
+    if restart_at.is_some() {
+        if let Err(e) = rabbitmqctl_test_node(&["status"], CTL) {
+            panic!(
+                "this run restarts the broker with `rabbitmqctl stop_app` / `start_app`, and \
+                 rabbitmqctl cannot control it here (see tests/broker_restart.rs):\n{e}"
+            );
+        }
+    }
     let started_test = Instant::now();
 
-    let world = World::new().await;
+    let mut world = World::new().await;
     let tag = unique("load").replace("load-", "");
     let small = small_image();
     let chelsea = example("chelsea-blemished.png");
@@ -353,10 +592,16 @@ async fn load_run_every_job_accounted_for() {
     std::fs::write(&jsonl, &lines).expect("write jobs.jsonl");
     let published = (jobs + invalid) as u64;
 
-    let events = watch_events(tag.clone()).await;
+    let events = EventLog::start(&world, &tag).await;
+    let faults = match pace {
+        Some(pace) => format!("{FAULTS},sleep@after_fetch={}", pace.as_millis()),
+        None => FAULTS.to_string(),
+    };
     let extra = [
-        ("RETOUCHER_FAULTS", FAULTS),
+        ("RETOUCHER_FAULTS", faults.as_str()),
         ("RETOUCHER__BROKER__PREFETCH", "8"),
+        // Long enough to outlast the broker restart.
+        ("RETOUCHER__BROKER__CONNECT_TIMEOUT_SECS", "120"),
     ];
     let mut procs = vec![
         Proc {
@@ -419,6 +664,7 @@ async fn load_run_every_job_accounted_for() {
         .collect();
     let dead_expected = published as usize - ok_ids.len();
     let mut complete: HashSet<String> = HashSet::new();
+    let mut restart: Option<RestartSummary> = None;
     let done_wall = loop {
         for p in procs.iter_mut() {
             p.scrape();
@@ -437,7 +683,7 @@ async fn load_run_every_job_accounted_for() {
             let a = &mut procs[0];
             let mut tail = LogTail::at_end(&a.worker.log);
             let waited = Instant::now();
-            while !killed_mid_commit && waited.elapsed() < Duration::from_secs(60) {
+            while !killed_mid_commit && waited.elapsed() < commit_wait {
                 killed_mid_commit = tail.read_new().lines().any(|l| {
                     l.contains("fault injection: sleeping") && l.contains("after_diagnostics")
                 });
@@ -454,7 +700,11 @@ async fn load_run_every_job_accounted_for() {
                 "load: SIGKILLed worker A at {kill_secs:.1} s, {settled} messages settled, {killed_inflight} in flight in A{}",
                 if killed_mid_commit { ", one of them past its commit marker" } else { "" }
             );
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(
+                killed_inflight > 0,
+                "A was idle when it was killed: the kill tested nothing (lengthen the jobs)"
+            );
+            tokio::time::sleep(RESTART_DELAY).await;
             let mut restarted = world.spawn_worker(&extra);
             restarted.try_wait_ready(READY).unwrap();
             eprintln!(
@@ -467,6 +717,49 @@ async fn load_run_every_job_accounted_for() {
                 last: Counters::default(),
                 killed: false,
             });
+            continue;
+        }
+        if restart.is_none()
+            && procs.len() == 3
+            && restart_at.is_some_and(|at| settled as f64 >= at * published as f64)
+        {
+            let at = wall.elapsed().as_secs_f64();
+            let queued = pending(&world).await;
+            let inflight: u64 = procs
+                .iter()
+                .filter(|p| !p.killed)
+                .map(|p| p.last.inflight)
+                .sum();
+            let outage = restart_broker(&procs).await;
+            // The harness's connection died with the broker.
+            world.conn = connect_amqp_retry(CTL).await;
+            let reconnect = Instant::now();
+            let reconnected = wait_until(CTL, || {
+                procs.iter().filter(|p| !p.killed).all(|p| {
+                    metric_sum(&p.worker.metrics(), "retoucher_broker_connected", "") == 1.0
+                })
+            })
+            .await;
+            assert!(
+                reconnected,
+                "the workers did not reconnect within {CTL:?} of the broker's return"
+            );
+            let summary = RestartSummary {
+                at,
+                settled,
+                queued,
+                inflight,
+                outage: outage.as_secs_f64(),
+                reconnected_after: reconnect.elapsed().as_secs_f64(),
+            };
+            eprintln!("load: {summary}");
+            assert!(
+                summary.inflight > 0 && summary.queued > 0,
+                "the restart found no job in flight or none queued: it tested nothing \
+                 (lengthen the jobs): {summary}"
+            );
+            restart = Some(summary);
+            continue;
         }
         if last_progress.elapsed() > Duration::from_secs(10) {
             last_progress = Instant::now();
@@ -483,7 +776,7 @@ async fn load_run_every_job_accounted_for() {
             // The expensive check (listing S3) only once the queues look idle.
             let idle = procs.iter().all(|p| p.killed || p.last.inflight == 0)
                 && pending(&world).await == 0;
-            if idle && procs.len() == 3 {
+            if idle && procs.len() == 3 && (restart_at.is_none() || restart.is_some()) {
                 // A failed listing (S3 busy) is only retried on the next round.
                 let keys = try_all_keys(&world.s3, &world.output, "results/")
                     .await
@@ -520,11 +813,20 @@ async fn load_run_every_job_accounted_for() {
         done_wall.as_secs_f64()
     );
 
-    // Quiet: final scrapes, then the survivors stop cleanly.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for p in procs.iter_mut() {
-        p.scrape();
+    // Quiet: nothing in flight, nothing queued; final scrapes, then the survivors stop cleanly.
+    let mut quiet = false;
+    let deadline = Instant::now() + CTL;
+    while !quiet && Instant::now() < deadline {
+        for p in procs.iter_mut() {
+            p.scrape();
+        }
+        quiet =
+            procs.iter().all(|p| p.killed || p.last.inflight == 0) && pending(&world).await == 0;
+        if !quiet {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
+    assert!(quiet, "the workers did not go idle within {CTL:?}");
     for p in procs.iter_mut().filter(|p| !p.killed) {
         let log = p.worker.log.clone();
         assert!(
@@ -538,8 +840,7 @@ async fn load_run_every_job_accounted_for() {
     for q in retoucher::broker::topology::queue_names(&world.queue).expect("queue names") {
         assert_eq!(world.ready(&q).await, 0, "{q} is empty at the end");
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let events: Vec<Seen> = events.lock().unwrap().clone();
+    let events: Vec<Seen> = events.finish(&world).await;
 
     // ---- Every job accounted for. ----
     let keys: HashSet<String> = all_keys(&world.s3, &world.output, "results/")
@@ -669,6 +970,7 @@ async fn load_run_every_job_accounted_for() {
         &procs,
         published,
         killed_inflight,
+        u64::from(restart.is_some()),
         e_succ,
         e_fail + unattributed,
         dead.len() as u64,
@@ -684,7 +986,8 @@ async fn load_run_every_job_accounted_for() {
     let distinct_dead = dead_count.len() as u64;
     let mut table = String::new();
     table.push_str(&format!(
-        "\n=== load run {tag}: {published} messages, 2 worker processes (A killed and restarted as A'), {} CPUs ===\n",
+        "\n=== load run {tag}: {published} messages, 2 worker processes (A killed and restarted as A'){}, {} CPUs ===\n",
+        if restart.is_some() { ", broker restarted" } else { "" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     ));
     table.push_str(&format!("{:<44}{:>10}\n", "messages published", published));
@@ -733,6 +1036,28 @@ async fn load_run_every_job_accounted_for() {
     ));
     table.push_str(&format!("{:<44}{:>9.1}s\n", "enqueue time", enqueue_secs));
     table.push_str(&format!("{:<44}{:>9.1}s\n", "SIGKILL at", kill_secs));
+    if let Some(restart) = &restart {
+        table.push_str(&format!(
+            "{:<44}{:>9.1}s\n",
+            "broker restarted at", restart.at
+        ));
+        table.push_str(&format!(
+            "{:<44}{:>10}\n",
+            "  messages queued at the stop", restart.queued
+        ));
+        table.push_str(&format!(
+            "{:<44}{:>10}\n",
+            "  jobs in flight at the stop", restart.inflight
+        ));
+        table.push_str(&format!(
+            "{:<44}{:>9.1}s\n",
+            "  broker down (stop_app to started)", restart.outage
+        ));
+        table.push_str(&format!(
+            "{:<44}{:>9.1}s\n",
+            "  workers reconnected after", restart.reconnected_after
+        ));
+    }
     table.push_str(&format!(
         "{:<44}{:>9.1}s\n",
         "wall time (first publish to last outcome)", secs
@@ -784,6 +1109,7 @@ async fn load_run_every_job_accounted_for() {
             "killed_mid_commit": killed_mid_commit,
             "enqueue_secs": enqueue_secs,
             "kill_at_secs": kill_secs,
+            "broker_restart": restart,
             "wall_secs": secs,
             "messages_per_sec": published as f64 / secs,
             "processes": procs.iter().map(|p| json!({"name": p.name, "killed": p.killed, "counters": p.last})).collect::<Vec<_>>(),
@@ -822,8 +1148,60 @@ async fn load_run_every_job_accounted_for() {
             r.duplicate
         );
     }
-    delete_topology(&world.conn, &world.queue).await;
-    world.delete_buckets().await;
+    world.cleanup().await;
+}
+
+/// What the broker restart met and how long it took.
+#[derive(Debug, Clone, serde::Serialize)]
+struct RestartSummary {
+    /// Seconds from the first publish.
+    at: f64,
+    settled: u64,
+    /// Messages ready in the jobs and delay queues at the stop.
+    queued: u32,
+    /// Jobs in flight in the workers at the stop (their last scrapes).
+    inflight: u64,
+    /// Seconds from `stop_app` to the end of `await_startup`.
+    outage: f64,
+    /// Seconds from then until every worker said it was connected again.
+    reconnected_after: f64,
+}
+
+impl std::fmt::Display for RestartSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "broker restarted at {:.1} s ({} settled, {} queued, {} in flight), down {:.1} s, \
+             workers reconnected {:.1} s later",
+            self.at, self.settled, self.queued, self.inflight, self.outage, self.reconnected_after
+        )
+    }
+}
+
+/// Stops the test broker (`rabbitmqctl stop_app`), checks that the workers notice, and starts it
+/// again after [`OUTAGE`]; a guard starts it again whatever happens. Returns how long it was down.
+async fn restart_broker(procs: &[Proc]) -> Duration {
+    let guard = BrokerGuard;
+    let stopped = Instant::now();
+    rabbitmqctl_test_node(&["stop_app"], CTL).expect("stop the broker");
+    let survivors: Vec<&Proc> = procs.iter().filter(|p| !p.killed).collect();
+    let noticed = wait_until(OUTAGE.max(Duration::from_secs(30)), || {
+        survivors
+            .iter()
+            .all(|p| metric_sum(&p.worker.metrics(), "retoucher_broker_connected", "") == 0.0)
+    })
+    .await;
+    assert!(
+        noticed,
+        "the workers did not notice that the broker stopped"
+    );
+    if let Some(left) = OUTAGE.checked_sub(stopped.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    rabbitmqctl_test_node(&["start_app"], CTL).expect("start the broker again");
+    rabbitmqctl_test_node(&["await_startup"], CTL).expect("wait for the broker to start");
+    drop(guard);
+    stopped.elapsed()
 }
 
 struct Reconciled {
@@ -860,10 +1238,18 @@ struct Reconciled {
 ///   by A whose ack was lost is dead-lettered again: a duplicate dead letter), in `0..=8`.
 ///
 /// A kill that hits an idle A makes all four equalities.
+///
+/// A broker restart adds the same uncertainty for each surviving worker, at most its prefetch:
+/// an ack the broker never processed (counted, then redelivered and counted again, as a
+/// duplicate or a second dead letter), an event or dead letter confirmed to the broker whose
+/// confirm never reached the worker (not counted; redelivered, then published again and
+/// counted). So the bound is the prefetch × (1 + 2 × restarts): A at the kill, and B and A′ at
+/// each restart.
 fn reconcile(
     procs: &[Proc],
     published: u64,
     killed_inflight: u64,
+    restarts: u64,
     e_succ: u64,
     e_fail: u64,
     dead_letters: u64,
@@ -873,7 +1259,7 @@ fn reconcile(
     let dead = total(procs, |c| c.dead);
     let retried = total(procs, |c| c.retried);
     let settled = succeeded + duplicate + dead;
-    let bound = PREFETCH;
+    let bound = PREFETCH * (1 + 2 * restarts);
     let mut lines = Vec::new();
     let mut ok = true;
     let diff = settled as i64 - published as i64;
@@ -881,7 +1267,7 @@ fn reconcile(
     ok &= pass;
     lines.push(format!(
         "Σ settled (succeeded {succeeded} + duplicate {duplicate} + dead {dead}) = {settled} vs published {published}: \
-         difference {diff:+} (= X − G, |·| ≤ prefetch {bound}; A held {killed_inflight} at its last scrape) {}",
+         difference {diff:+} (= X − G, |·| ≤ {bound}, the prefetch × (1 + 2 × restarts); A held {killed_inflight} at its last scrape) {}",
         if pass { "OK" } else { "FAIL" }
     ));
     let gap = e_succ as i64 - (succeeded + duplicate) as i64;

@@ -154,7 +154,7 @@ async fn migrate_upgrades_v1_to_v2_and_a_worker_refuses_a_v1_broker() {
         .await
         .expect("migrate to v1");
     assert_eq!((report.from, report.to), (0, 1), "{report}");
-    assert_eq!(report.applied, [(1, "0001_initial")]);
+    assert_eq!(report.applied, [(1, "0001_initial".to_owned())]);
     assert_eq!(topology::current_version(conn, &queue).await.unwrap(), 1);
     let error = broker::verify(conn, &queue)
         .await
@@ -334,7 +334,7 @@ async fn migrate_upgrades_v1_to_v2_and_a_worker_refuses_a_v1_broker() {
     let _ = channel.close(0, "done".into()).await;
 
     delete_topology(conn, &queue).await;
-    delete_topology(conn, &world.queue).await;
+    world.cleanup().await;
 }
 
 /// The example input uploaded, and a worker that reaches S3 only through a gate (open), with
@@ -465,7 +465,6 @@ async fn jobs_are_retried_through_an_s3_outage_and_complete() {
     );
     drop(worker);
     world.cleanup().await;
-    delete_topology(&world.conn, &world.queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,7 +532,6 @@ async fn a_job_failing_past_max_attempts_is_dead_lettered() {
     );
     drop(worker);
     world.cleanup().await;
-    delete_topology(&world.conn, &world.queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

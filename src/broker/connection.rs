@@ -1,6 +1,7 @@
 //! Opening AMQP connections: one attempt ([`connect`]) or retried with exponential backoff and
 //! jitter until a deadline ([`connect_with_retry`]), for a worker that starts before its broker
-//! or outlives a broker restart.
+//! or outlives a broker restart. An [`Endpoint`] is the URL plus, for `amqps://`, the TLS files
+//! (see [`super::tls`]).
 //!
 //! The URL carries the password, so it only ever reaches logs and errors through [`redact`].
 
@@ -9,7 +10,41 @@ use std::time::{Duration, Instant};
 use lapin::{uri::AMQPUri, Connection, ConnectionProperties};
 use rand::Rng;
 
-use super::BrokerError;
+use super::{tls, BrokerError, TlsFiles};
+
+/// Where and how to reach the broker: `broker.url` and `broker.tls.*`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `amqp://` or `amqps://` URL; it carries the password.
+    pub url: String,
+    /// Used with `amqps://` only.
+    pub tls: TlsFiles,
+}
+
+impl Endpoint {
+    /// A URL with no TLS files (system roots only, for `amqps://`).
+    pub fn new(url: impl Into<String>) -> Endpoint {
+        Endpoint {
+            url: url.into(),
+            tls: TlsFiles::default(),
+        }
+    }
+
+    pub fn with_tls(mut self, tls: TlsFiles) -> Endpoint {
+        self.tls = tls;
+        self
+    }
+}
+
+/// Debug without the password.
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("url", &redact(&self.url))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
 
 /// How long one connection attempt (TCP + AMQP handshake) may take: a black-holed host would
 /// otherwise hang on the kernel's SYN retries for minutes.
@@ -35,7 +70,8 @@ pub async fn close(conn: &Connection, reason: &str) {
 
 /// Opens one connection, named `name` in the management UI (and `rabbitmqctl list_connections
 /// client_properties`), so an operator can tell workers from enqueuers.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
+pub async fn connect(endpoint: &Endpoint, name: &str) -> Result<Connection, BrokerError> {
+    let url = endpoint.url.as_str();
     // Parse here rather than in lapin: its parse error quotes the whole URL, password included.
     let uri: AMQPUri = url
         .parse()
@@ -43,12 +79,26 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
             url: redact(url),
             reason: reason.replace(url, &redact(url)),
         })?;
+    endpoint.tls.check_against(url)?;
+    let tls = endpoint.tls.load()?;
+    let host = uri.authority.host.clone();
+    let runtime = lapin::runtime::default_runtime().map_err(|error| BrokerError::Connect {
+        url: redact(url),
+        error,
+    })?;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(ATTEMPT_TIMEOUT, Connection::connect_uri(uri, properties)).await {
+    let connecting = Connection::connect_uri_with_config(uri, properties, tls, runtime);
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, connecting).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(BrokerError::Connect {
-            url: redact(url),
-            error,
+        Ok(Err(error)) => Err(match tls::explain(&error, &host, &endpoint.tls) {
+            Some(reason) => BrokerError::Tls {
+                url: redact(url),
+                reason,
+            },
+            None => BrokerError::Connect {
+                url: redact(url),
+                error,
+            },
         }),
         Err(_) => Err(BrokerError::ConnectTimeout {
             url: redact(url),
@@ -60,25 +110,32 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
 /// Like [`connect`], but keeps trying for up to `max_wait`, sleeping 0.25 s, 0.5 s, 1 s, …
 /// (capped at 30 s) between attempts, each delay jittered to 50–100 % so that a fleet of
 /// workers restarted together does not hammer the broker in lock-step. Every failed attempt
-/// is logged with the redacted URL. An invalid URL fails at once: waiting will not fix it.
+/// is logged with the redacted URL. An invalid URL, TLS settings or files that cannot be used,
+/// and a certificate refused in the TLS handshake fail at once: waiting will not fix them.
 pub async fn connect_with_retry(
-    url: &str,
+    endpoint: &Endpoint,
     name: &str,
     max_wait: Duration,
 ) -> Result<Connection, BrokerError> {
+    let url = endpoint.url.as_str();
     let started = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let error = match connect(url, name).await {
+        let error = match connect(endpoint, name).await {
             Ok(connection) => {
                 if attempt > 1 {
                     tracing::info!(url = %redact(url), attempt, "connected to the broker");
                 }
                 return Ok(connection);
             }
-            Err(error @ BrokerError::InvalidUrl { .. }) => return Err(error),
+            Err(
+                error @ (BrokerError::InvalidUrl { .. }
+                | BrokerError::Tls { .. }
+                | BrokerError::TlsSettings { .. }
+                | BrokerError::TlsFile { .. }),
+            ) => return Err(error),
             Err(error) => error,
         };
         let remaining = max_wait.saturating_sub(started.elapsed());

@@ -1,5 +1,6 @@
 //! The RabbitMQ side of the worker: connecting ([`connection`]), the versioned topology that
-//! `retoucher migrate` applies and the worker verifies at start ([`topology`]), the confirmed
+//! `retoucher migrate` applies and the worker verifies at start ([`topology`]), TLS for
+//! `amqps://` URLs ([`tls`]), the confirmed
 //! publisher for jobs, events, retries and dead letters ([`publisher`]), and the retry policy
 //! that counts attempts and picks the delay queue ([`retry`]).
 //!
@@ -9,12 +10,14 @@
 pub mod connection;
 pub mod publisher;
 pub mod retry;
+pub mod tls;
 pub mod topology;
 
-pub use connection::{close, connect, connect_with_retry, redact};
+pub use connection::{close, connect, connect_with_retry, redact, Endpoint};
 pub use publisher::{Event, EventError, EventStatus, Publisher};
 pub use retry::{attempt_of, RetryDecision, RetryPolicy, ATTEMPT_HEADER};
-pub use topology::{migrate, migrate_to, verify, MigrationReport};
+pub use tls::TlsFiles;
+pub use topology::{migrate, migrate_to, verify, MigrationReport, Migrations};
 
 use crate::error::{ErrorClass, JobError};
 
@@ -50,6 +53,22 @@ pub enum BrokerError {
 
     #[error("cannot connect to the broker at {url}: {error}")]
     Connect { url: String, error: lapin::Error },
+
+    /// The TLS handshake failed: `reason` says whose certificate was refused and what to set.
+    #[error("cannot connect to the broker at {url}: {reason}")]
+    Tls { url: String, reason: String },
+
+    /// `broker.tls.*` do not fit together or with `broker.url`.
+    #[error("invalid TLS settings for the broker: {reason}")]
+    TlsSettings { reason: String },
+
+    /// A file named by `broker.tls.*` cannot be used.
+    #[error("{key} = {}: {reason}", path.display())]
+    TlsFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
 
     #[error("timed out after {seconds}s connecting to the broker at {url}")]
     ConnectTimeout { url: String, seconds: u64 },
@@ -93,11 +112,14 @@ pub enum BrokerError {
         needed: u32,
     },
 
-    #[error("broker topology for `{queue}` is at version {current}, newer than version {known} that this binary knows: upgrade the worker")]
+    /// The broker is past every version this binary knows, and version `needed` among them is
+    /// not additive: what it changed, this binary cannot follow.
+    #[error("broker topology for `{queue}` is at version {current}, and version {needed} of it is not additive, while this binary knows versions up to {known} only: upgrade the worker (deploy one built with topology version {needed} or later)")]
     TopologyAhead {
         queue: String,
         current: u32,
         known: u32,
+        needed: u32,
     },
 
     #[error("broker topology for `{queue}` is at version {version} but {what} is missing: run `retoucher migrate`")]

@@ -81,7 +81,16 @@ impl RetryPolicy {
     /// The policy for jobs queue `queue`: the ladder of the embedded migrations, shortened by
     /// `retry.delays_ms` when set. Fails on settings the topology cannot honour.
     pub fn new(queue: &str, settings: &RetrySettings) -> anyhow::Result<RetryPolicy> {
-        let queues = super::topology::delay_queues(queue)?;
+        RetryPolicy::of(&super::Migrations::embedded(), queue, settings)
+    }
+
+    /// [`RetryPolicy::new`] with the ladder of `migrations` (`broker.migrations`).
+    pub fn of(
+        migrations: &super::Migrations,
+        queue: &str,
+        settings: &RetrySettings,
+    ) -> anyhow::Result<RetryPolicy> {
+        let queues = migrations.delay_queues(queue)?;
         RetryPolicy::with_queues(queues, settings)
     }
 

@@ -33,7 +33,13 @@ pub async fn run(args: EnqueueArgs, settings: Settings) -> anyhow::Result<ExitCo
             }
         }
     }
-    let report = enqueue(&settings.broker.url, &settings.broker.queue, valid, true).await?;
+    let report = enqueue(
+        &settings.broker.endpoint(),
+        &settings.broker.queue,
+        valid,
+        true,
+    )
+    .await?;
     for failure in &report.failed {
         eprintln!("job #{} not confirmed: {}", failure.index, failure.reason);
     }

@@ -19,12 +19,14 @@ pub struct MigrateArgs {
 }
 
 pub async fn run(args: MigrateArgs, settings: Settings) -> anyhow::Result<ExitCode> {
-    let conn = broker::connect(&settings.broker.url, "retoucher-migrate").await?;
+    let migrations = settings.broker.migrations()?;
+    let conn = broker::connect(&settings.broker.endpoint(), "retoucher-migrate").await?;
     let queue = &settings.broker.queue;
     let result = if args.dry_run {
-        plan(&conn, queue).await
+        plan(&conn, &migrations, queue).await
     } else {
-        broker::migrate(&conn, queue)
+        migrations
+            .migrate(&conn, queue)
             .await
             .map(|report| println!("{report}"))
             .map_err(Into::into)
@@ -35,15 +37,25 @@ pub async fn run(args: MigrateArgs, settings: Settings) -> anyhow::Result<ExitCo
 }
 
 /// Prints the broker's version and the migrations a real run would apply.
-async fn plan(conn: &lapin::Connection, queue: &str) -> anyhow::Result<()> {
+async fn plan(
+    conn: &lapin::Connection,
+    migrations: &broker::Migrations,
+    queue: &str,
+) -> anyhow::Result<()> {
     let current = broker::topology::current_version(conn, queue).await?;
     println!(
-        "broker topology for {queue} is at version {current}; this binary knows {}",
-        broker::topology::latest_version()
+        "broker topology for {queue} is at version {current}; the {} migrations go up to {}",
+        migrations.source(),
+        migrations.latest()
     );
-    for m in broker::topology::plan(queue)? {
+    for m in migrations.plan(queue)? {
         if m.version > current {
-            println!("would apply {:04} {}", m.version, m.name);
+            let kind = if m.additive {
+                "additive: running workers keep consuming"
+            } else {
+                "not additive: workers of earlier versions stop"
+            };
+            println!("would apply {:04} {} ({kind})", m.version, m.name);
         }
     }
     Ok(())

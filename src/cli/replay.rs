@@ -29,7 +29,7 @@ pub struct ReplayArgs {
 }
 
 pub async fn run(args: ReplayArgs, settings: Settings) -> anyhow::Result<ExitCode> {
-    let conn = broker::connect(&settings.broker.url, "retoucher-replay").await?;
+    let conn = broker::connect(&settings.broker.endpoint(), "retoucher-replay").await?;
     let filter = ReplayFilter {
         classes: args.classes,
         job_ids: args.job_ids,

@@ -10,6 +10,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::{BehaviorVersion, Region};
@@ -21,6 +23,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use retoucher::broker::Endpoint;
 
 pub fn env_var(name: &str) -> String {
     match std::env::var(name) {
@@ -50,7 +53,50 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// One test's world: its own queue, input and output buckets, and a disallowed bucket.
+/// The test broker: `RETOUCHER_TEST_AMQP_URL`, without TLS.
+pub fn test_broker() -> Endpoint {
+    Endpoint::new(amqp_url())
+}
+
+/// The environment that points a `retoucher` process at `broker`: the URL and the TLS files.
+pub fn broker_env(broker: &Endpoint) -> Vec<(String, String)> {
+    let mut env = vec![("RETOUCHER__BROKER__URL".to_string(), broker.url.clone())];
+    for (key, path) in [
+        ("RETOUCHER__BROKER__TLS__CA_FILE", &broker.tls.ca_file),
+        ("RETOUCHER__BROKER__TLS__CERT_FILE", &broker.tls.cert_file),
+        ("RETOUCHER__BROKER__TLS__KEY_FILE", &broker.tls.key_file),
+    ] {
+        if !path.as_os_str().is_empty() {
+            env.push((key.to_string(), path.display().to_string()));
+        }
+    }
+    env
+}
+
+/// An S3 client for the test S3 server (`RETOUCHER_TEST_S3_ENDPOINT`, credentials from the
+/// environment).
+pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
+    let shared = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region))
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared)
+            .endpoint_url(endpoint)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+/// How long tearing a world down may take when a test did not do it itself.
+const TEARDOWN_LIMIT: Duration = Duration::from_secs(60);
+
+/// One test's world: its own queue, input and output buckets, and a disallowed bucket, on the
+/// test broker or another one ([`World::on`]).
+///
+/// [`World::cleanup`] deletes all of it at the end of a test; a test that fails before gets the
+/// same from `Drop`, best effort and bounded, so failures do not leak queues and buckets.
 pub struct World {
     pub queue: String,
     pub input: String,
@@ -59,35 +105,38 @@ pub struct World {
     pub s3: aws_sdk_s3::Client,
     pub conn: Connection,
     pub endpoint: String,
+    /// The broker this world lives on.
+    pub broker: Endpoint,
+    /// Queues a test declared besides the topology, deleted with it.
+    extra_queues: Mutex<Vec<String>>,
+    cleaned: AtomicBool,
 }
 
 impl World {
     pub async fn new() -> World {
+        World::on(test_broker()).await
+    }
+
+    /// A world on `broker` (e.g. over TLS): `retoucher migrate` and the harness's own
+    /// connection use it, and so do the workers it starts.
+    pub async fn on(broker: Endpoint) -> World {
         let endpoint = env_var("RETOUCHER_TEST_S3_ENDPOINT");
         env_var("AWS_ACCESS_KEY_ID");
         env_var("AWS_SECRET_ACCESS_KEY");
         env_var("ORT_DYLIB_PATH");
-        let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(region))
-            .load()
-            .await;
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&shared)
-                .endpoint_url(&endpoint)
-                .force_path_style(true)
-                .build(),
-        );
         let world = World {
             queue: format!("{}.jobs", unique("retoucher-test")),
             input: unique("rt-in"),
             output: unique("rt-out"),
             forbidden: unique("rt-forbidden"),
-            s3,
-            conn: Connection::connect(&amqp_url(), ConnectionProperties::default())
+            s3: s3_client(&endpoint).await,
+            conn: retoucher::broker::connect(&broker, "retoucher-tests")
                 .await
-                .expect("RabbitMQ on RETOUCHER_TEST_AMQP_URL"),
+                .unwrap_or_else(|e| panic!("the test broker: {e}")),
             endpoint,
+            broker,
+            extra_queues: Mutex::new(Vec::new()),
+            cleaned: AtomicBool::new(false),
         };
         for bucket in [&world.input, &world.output, &world.forbidden] {
             world
@@ -101,11 +150,47 @@ impl World {
         let migrate = output_within(
             Command::new(env!("CARGO_BIN_EXE_retoucher"))
                 .args(["migrate", "--queue", &world.queue])
-                .env("RETOUCHER__BROKER__URL", amqp_url()),
+                .envs(broker_env(&world.broker)),
             CLI_LIMIT,
         );
-        assert!(migrate.status.success(), "retoucher migrate failed");
+        assert!(
+            migrate.status.success(),
+            "retoucher migrate failed:\n{}",
+            String::from_utf8_lossy(&migrate.stderr)
+        );
         world
+    }
+
+    /// Has `queue` deleted with this world (a queue the test declared itself).
+    pub fn track_queue(&self, queue: &str) {
+        self.extra_queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(queue.to_string());
+    }
+
+    /// What is left to delete when the world goes.
+    fn leftovers(&self) -> Leftovers {
+        Leftovers {
+            queue: self.queue.clone(),
+            extra_queues: self
+                .extra_queues
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            buckets: vec![
+                self.input.clone(),
+                self.output.clone(),
+                self.forbidden.clone(),
+            ],
+        }
+    }
+
+    /// Deletes this world's queues (topology, markers, tracked queues) and buckets with
+    /// everything in them. Best effort: errors are ignored.
+    pub async fn cleanup(&self) {
+        self.cleaned.store(true, Ordering::SeqCst);
+        self.leftovers().remove(&self.conn, &self.s3).await;
     }
 
     pub fn dead_queue(&self) -> String {
@@ -114,8 +199,8 @@ impl World {
 
     /// Environment of a worker process in this world.
     pub fn worker_env(&self, metrics_port: u16) -> Vec<(String, String)> {
-        vec![
-            ("RETOUCHER__BROKER__URL".into(), amqp_url()),
+        let mut env = broker_env(&self.broker);
+        env.extend([
             ("RETOUCHER__BROKER__QUEUE".into(), self.queue.clone()),
             ("RETOUCHER__S3__ENDPOINT".into(), self.endpoint.clone()),
             ("RETOUCHER__S3__FORCE_PATH_STYLE".into(), "true".into()),
@@ -135,7 +220,8 @@ impl World {
                 "RETOUCHER__METRICS__LISTEN".into(),
                 format!("127.0.0.1:{metrics_port}"),
             ),
-        ]
+        ]);
+        env
     }
 
     /// Starts a worker process and waits until `/readyz` says ready.
@@ -159,27 +245,6 @@ impl World {
         };
         worker.wait_ready(Duration::from_secs(60));
         worker
-    }
-
-    /// Deletes a bucket and everything in it (best effort).
-    pub async fn delete_bucket(&self, bucket: &str) {
-        loop {
-            let Ok(listed) = self.s3.list_objects_v2().bucket(bucket).send().await else {
-                break;
-            };
-            let keys: Vec<String> = listed
-                .contents()
-                .iter()
-                .filter_map(|o| o.key().map(str::to_string))
-                .collect();
-            if keys.is_empty() {
-                break;
-            }
-            for key in keys {
-                let _ = self.s3.delete_object().bucket(bucket).key(key).send().await;
-            }
-        }
-        let _ = self.s3.delete_bucket().bucket(bucket).send().await;
     }
 
     pub async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) {
@@ -311,30 +376,98 @@ impl World {
         let _ = channel.close(0, "done".into()).await;
         out
     }
+}
 
-    /// Deletes this world's queues and topology markers (buckets stay: the S3 server's data
-    /// dir is the test run's own).
-    pub async fn cleanup(&self) {
-        delete_topology(&self.conn, &self.queue).await;
+/// Tears down a world that the test did not clean up itself (it failed, or returned early):
+/// on a thread of its own with its own runtime and connections, since `drop` cannot await and
+/// the test's runtime may be the one unwinding; bounded by [`TEARDOWN_LIMIT`].
+impl Drop for World {
+    fn drop(&mut self) {
+        if self.cleaned.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let leftovers = self.leftovers();
+        let broker = self.broker.clone();
+        let endpoint = self.endpoint.clone();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(async {
+                    let teardown = async {
+                        let conn = retoucher::broker::connect(&broker, "retoucher-tests-teardown")
+                            .await
+                            .ok()?;
+                        let s3 = s3_client(&endpoint).await;
+                        leftovers.remove(&conn, &s3).await;
+                        let _ = conn.close(200, "teardown".into()).await;
+                        Some(())
+                    };
+                    if tokio::time::timeout(TEARDOWN_LIMIT, teardown)
+                        .await
+                        .is_err()
+                    {
+                        eprintln!("world teardown: gave up after {TEARDOWN_LIMIT:?}");
+                    }
+                });
+            }
+            let _ = done.send(());
+        });
+        let _ = finished.recv_timeout(TEARDOWN_LIMIT + Duration::from_secs(5));
+    }
+}
+
+/// The queues and buckets of a world.
+struct Leftovers {
+    queue: String,
+    extra_queues: Vec<String>,
+    buckets: Vec<String>,
+}
+
+impl Leftovers {
+    async fn remove(&self, conn: &Connection, s3: &aws_sdk_s3::Client) {
+        delete_topology(conn, &self.queue).await;
+        for queue in &self.extra_queues {
+            if let Ok(channel) = conn.create_channel().await {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                let _ = channel.close(0, "done".into()).await;
+            }
+        }
         // Each bucket is a SeaweedFS collection holding volume slots of its own: free them.
-        for bucket in [&self.input, &self.output, &self.forbidden] {
-            self.delete_bucket(bucket).await;
+        for bucket in &self.buckets {
+            empty_and_delete_bucket(s3, bucket).await;
         }
-        let channel = self.conn.create_channel().await.expect("channel");
-        for q in [self.queue.clone(), self.dead_queue()] {
-            let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for v in 1..=8 {
-            let _ = channel
-                .exchange_delete(
-                    format!("{}.topology.v{v:04}", self.queue).as_str().into(),
-                    Default::default(),
-                )
+    }
+}
+
+/// Empties a bucket with batched `DeleteObjects` (1,000 keys a request, enough for the tens
+/// of thousands of files of a load run) and deletes it. Best effort: errors are ignored.
+pub async fn empty_and_delete_bucket(s3: &aws_sdk_s3::Client, bucket: &str) {
+    use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+    let keys = try_all_keys(s3, bucket, "").await.unwrap_or_default();
+    for chunk in keys.chunks(1000) {
+        let objects: Vec<ObjectIdentifier> = chunk
+            .iter()
+            .filter_map(|k| ObjectIdentifier::builder().key(k).build().ok())
+            .collect();
+        if let Ok(delete) = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+        {
+            let _ = s3
+                .delete_objects()
+                .bucket(bucket)
+                .delete(delete)
+                .send()
                 .await;
         }
     }
+    let _ = s3.delete_bucket().bucket(bucket).send().await;
 }
 
 /// A consumer of everything published to `retoucher.events` (`job.*`), on a new exclusive
@@ -748,11 +881,22 @@ impl Worker {
     }
 }
 
-/// Deletes every queue and version marker of the topology of jobs queue `queue` (dead-letter
-/// and retry delay queues included: [`World::cleanup`] predates topology v2 and leaves
-/// `{queue}.retry.*` behind). Each delete gets its own channel, since a failure closes it.
+/// How many versions past the built-in ones [`delete_topology`] clears markers for: tests that
+/// rehearse upgrades with migration folders of their own go a few versions further.
+const MARKERS_PAST_LATEST: u32 = 4;
+
+/// Deletes every queue and marker (version and additive) of the topology of jobs queue `queue`
+/// (dead-letter and retry delay queues included). Each delete gets its own channel, since a
+/// failure closes it.
 pub async fn delete_topology(conn: &Connection, queue: &str) {
-    let queues = retoucher::broker::topology::queue_names(queue).unwrap_or_default();
+    use retoucher::broker::topology;
+    let queues = topology::queue_names(queue).unwrap_or_default();
+    let markers = (1..=topology::latest_version() + MARKERS_PAST_LATEST).flat_map(|v| {
+        [
+            topology::marker_exchange(queue, v),
+            topology::additive_marker(queue, v),
+        ]
+    });
     for q in queues {
         if let Ok(channel) = conn.create_channel().await {
             let _ = channel
@@ -761,15 +905,10 @@ pub async fn delete_topology(conn: &Connection, queue: &str) {
             let _ = channel.close(0, "done".into()).await;
         }
     }
-    for v in 1..=retoucher::broker::topology::latest_version() + 1 {
+    for marker in markers {
         if let Ok(channel) = conn.create_channel().await {
             let _ = channel
-                .exchange_delete(
-                    retoucher::broker::topology::marker_exchange(queue, v)
-                        .as_str()
-                        .into(),
-                    Default::default(),
-                )
+                .exchange_delete(marker.as_str().into(), Default::default())
                 .await;
             let _ = channel.close(0, "done".into()).await;
         }
@@ -777,6 +916,42 @@ pub async fn delete_topology(conn: &Connection, queue: &str) {
 }
 
 // ---- Broker restarts and load runs: controlling RabbitMQ, reconnecting, bulk result checks. ----
+
+/// The RabbitMQ node that the tests restarting their broker control: `RETOUCHER_TEST_RABBITMQ_NODE`
+/// (e.g. the private node of `scripts/rabbitmq-tls.sh`, whose plain listener is then
+/// `RETOUCHER_TEST_AMQP_URL`), or `None` for rabbitmqctl's default node, the machine's broker.
+pub fn test_node() -> Option<String> {
+    std::env::var("RETOUCHER_TEST_RABBITMQ_NODE")
+        .ok()
+        .filter(|n| !n.is_empty())
+}
+
+/// Runs `rabbitmqctl ARGS` against the test node ([`test_node`]).
+pub fn rabbitmqctl_test_node(args: &[&str], timeout: Duration) -> Result<String, String> {
+    let node = test_node();
+    let mut all: Vec<&str> = Vec::new();
+    if let Some(node) = node.as_deref() {
+        all.extend(["-n", node]);
+    }
+    all.extend(args);
+    rabbitmqctl(&all, timeout)
+}
+
+/// Starts the test broker's application again when dropped, so that a failing (panicking) test
+/// that stopped it never leaves it stopped. `start_app` on a running broker is a no-op.
+pub struct BrokerGuard;
+
+impl Drop for BrokerGuard {
+    fn drop(&mut self) {
+        let limit = Duration::from_secs(120);
+        if let Err(e) = rabbitmqctl_test_node(&["start_app"], limit) {
+            eprintln!("broker guard: {e}");
+        }
+        if let Err(e) = rabbitmqctl_test_node(&["await_startup"], limit) {
+            eprintln!("broker guard: {e}");
+        }
+    }
+}
 
 /// Runs `rabbitmqctl ARGS` with a deadline; `Err` (with its output) when it is missing, fails or
 /// overruns. Tests that restart the broker need it (and the rights to run it: root, or the
@@ -923,39 +1098,6 @@ pub async fn check_result_set(
         }
     }
     Ok(diagnostics)
-}
-
-impl World {
-    /// Empties and deletes this world's buckets, like [`World::cleanup`] does one object at a
-    /// time, but with batched `DeleteObjects` (1,000 keys a request): for the tens of thousands
-    /// of result files of a load run. Every bucket holds a SeaweedFS volume of its own, out of
-    /// a fixed number. Best effort: errors are ignored.
-    pub async fn delete_buckets(&self) {
-        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
-        for bucket in [&self.input, &self.output, &self.forbidden] {
-            let keys = try_all_keys(&self.s3, bucket, "").await.unwrap_or_default();
-            for chunk in keys.chunks(1000) {
-                let objects: Vec<ObjectIdentifier> = chunk
-                    .iter()
-                    .filter_map(|k| ObjectIdentifier::builder().key(k).build().ok())
-                    .collect();
-                if let Ok(delete) = Delete::builder()
-                    .set_objects(Some(objects))
-                    .quiet(true)
-                    .build()
-                {
-                    let _ = self
-                        .s3
-                        .delete_objects()
-                        .bucket(bucket)
-                        .delete(delete)
-                        .send()
-                        .await;
-                }
-            }
-            let _ = self.s3.delete_bucket().bucket(bucket).send().await;
-        }
-    }
 }
 
 /// Engine options for the in-process engine tests: CPU, `intra_threads` per session.
