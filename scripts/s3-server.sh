@@ -38,6 +38,9 @@ GRPC_OFFSET=10000
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"
+# A linked .tools (a second checkout sharing the first one's tools and server) is the same
+# server: compare physical paths.
+[[ -d "$TOOLS" ]] && TOOLS="$(cd "$TOOLS" && pwd -P)"
 VENV="$TOOLS/venv"
 WEED="$VENV/bin/weed"
 DIR="$TOOLS/s3"
