@@ -126,7 +126,9 @@ def bundle_toml(out: Path, tau: float) -> str:
                              "push-pull and PatchMatch repair. See models/blemish/README.md."}),
         ("taxonomy", {"categories": list(defects.CLASSES)}),
         ("taxonomy.descriptions", {k: DESCRIPTIONS[k] for k in [*defects.CLASSES, "default"]}),
-        ("defaults", {"saliency_threshold": tau, "max_iterations": 3}),
+        # One round: the repair tools leave smooth fills that perception rightly reads as blur
+        # islands, so further rounds grow the repairs instead of converging.
+        ("defaults", {"saliency_threshold": tau, "max_iterations": 1}),
         ("perception", {"model": "perception.onnx", "tokenizer": "tokenizer.json", "input_size": data.SIZE,
                         "max_tokens": text.MAX_TOKENS, "add_special_tokens": False, "mean": mean, "std": std}),
         ("reasoning", {"mode": "regions", "classifier": "classifier.onnx", "input_size": 64, "mean": mean,
