@@ -12,6 +12,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::agents::action::ToolName;
+use crate::agents::reasoning::vlm::spec::VlmSpec;
 
 /// A parsed, verified bundle.
 #[derive(Debug, Clone)]
@@ -98,6 +99,9 @@ pub struct ReasoningSpec {
     pub feather_pixels: u32,
     pub max_regions: usize,
     pub context: f32,
+    /// `[reasoning.vlm]`: the vision-language model (`vlm` mode).
+    #[serde(default)]
+    pub vlm: Option<VlmSpec>,
 }
 
 fn zeros() -> [f32; 3] {
@@ -156,6 +160,12 @@ impl Bundle {
         }
         for name in m.action.tools.keys() {
             ToolName::parse(name).map_err(|e| anyhow::anyhow!("[action.tools.{name}]: {e}"))?;
+        }
+        if m.reasoning.mode == ReasoningMode::Vlm {
+            let Some(vlm) = &m.reasoning.vlm else {
+                bail!("reasoning.mode = \"vlm\" needs a [reasoning.vlm] table (models/README.md)");
+            };
+            vlm.check(m.reasoning.classifier.is_some())?;
         }
         for category in m.action.routing.keys() {
             if !m.taxonomy.categories.contains(category) {
