@@ -312,8 +312,19 @@ impl Vlm {
         self.vision.submit(vision).await.map_err(model_error)
     }
 
+    /// The decoder's input for a prepared prompt: its image encoded.
+    pub async fn prompt(&self, prepared: Prepared) -> Result<Prompt, JobError> {
+        let features = self.encode(prepared.vision).await?;
+        Ok(Prompt {
+            ids: prepared.ids,
+            image_token: i64::from(self.image_token),
+            features,
+            positions: prepared.positions,
+        })
+    }
+
     /// Generates the answer to a prepared prompt (at most `max_new_tokens`, default the
-    /// bundle's), decodes and validates it.
+    /// bundle's), decodes and validates it; `image` is the input's size.
     pub async fn generate(
         &self,
         prepared: Prepared,
@@ -324,17 +335,12 @@ impl Vlm {
         let started = Instant::now();
         let resized = prepared.vision.resized;
         let image_tokens = prepared.vision.tokens(self.spec.merge_size);
-        let features = self.encode(prepared.vision).await?;
+        let prompt = self.prompt(prepared).await?;
         let vision_ms = ms(started);
         let request = SequenceRequest {
             label,
             max_new_tokens: max_new_tokens.unwrap_or(self.spec.max_new_tokens),
-            prompt: Prompt {
-                ids: prepared.ids,
-                image_token: i64::from(self.image_token),
-                features,
-                positions: prepared.positions,
-            },
+            prompt,
         };
         let prompt_tokens = request.prompt.ids.len();
         let generation = self
