@@ -32,7 +32,11 @@ async fn the_vlm_explains_regions_through_broker_and_s3() {
         .put(&world.input, "vlm/hand.png", test_image("magenta-224.png"))
         .await;
     world
-        .put(&world.input, "vlm/car.png", test_image("magenta-640x480.png"))
+        .put(
+            &world.input,
+            "vlm/car.png",
+            test_image("magenta-640x480.png"),
+        )
         .await;
     let mut events = world.events().await;
     let bundle = repo().join("models/vlm-reference").display().to_string();
@@ -44,7 +48,11 @@ async fn the_vlm_explains_regions_through_broker_and_s3() {
             "hand.png",
             "a violinist with six fingers on his hand, cinematic light",
         ),
-        (unique("vlm-car"), "car.png", "a red car parked by a fenced garden"),
+        (
+            unique("vlm-car"),
+            "car.png",
+            "a red car parked by a fenced garden",
+        ),
         (unique("vlm-broken"), "hand.png", "a broken vase"),
     ];
     for (job_id, image, prompt) in &jobs {
@@ -118,14 +126,23 @@ async fn the_vlm_explains_regions_through_broker_and_s3() {
     assert_eq!(first["vlm"]["answer"]["error"], "invalid_json");
     assert_eq!(first["vlm"]["fallback"], "regions");
     assert!(!first["regions"].as_array().unwrap().is_empty());
-    assert_eq!(broken["models"]["reasoning"]["name"], "vlm-reference/decoder_model_merged.onnx");
+    assert_eq!(
+        broken["models"]["reasoning"]["name"],
+        "vlm-reference/decoder_model_merged.onnx"
+    );
 
     let metrics = worker.metrics();
     assert!(metric_sum(&metrics, "retoucher_generated_tokens_total", "") >= 41.0 + 45.0);
     assert!(metric_sum(&metrics, "retoucher_time_to_first_token_seconds_count", "") >= 3.0);
     assert!(metric_sum(&metrics, "retoucher_decode_batch_size_count", "") >= 40.0);
     assert_eq!(metric_sum(&metrics, "retoucher_active_sequences", ""), 0.0);
-    assert!(metric_sum(&metrics, "retoucher_vlm_answers_total", "outcome=\"invalid_json\"") >= 1.0);
+    assert!(
+        metric_sum(
+            &metrics,
+            "retoucher_vlm_answers_total",
+            "outcome=\"invalid_json\""
+        ) >= 1.0
+    );
     assert!(worker.terminate(), "the worker drains and exits cleanly");
     world.cleanup().await;
 }
