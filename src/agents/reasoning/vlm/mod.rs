@@ -132,6 +132,8 @@ pub struct Vlm {
     vision: Batcher<VisionEncoder>,
     decoder: Decoder,
     pub layout: Layout,
+    /// The decoder's batch limits.
+    pub decoding: SchedulerSettings,
     pub info: ModelInfo,
 }
 
@@ -228,6 +230,7 @@ impl Vlm {
             bundle: ctx.bundle.clone(),
             vision,
             decoder: Decoder::spawn(scheduler),
+            decoding: settings,
             layout,
             info: ctx.info(&spec.decoder),
             spec,
