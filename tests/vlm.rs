@@ -622,3 +622,82 @@ async fn without_a_classifier_malformed_answers_fall_back_to_saliency_regions() 
             > 0.0
     );
 }
+
+/// Two tiny vision encoders with a dynamic grid (`[images, 3]`): one merges each 4 consecutive
+/// patch rows (as the real ones do, so images encode independently), one subtracts the mean of
+/// all patches of the call (mixing images). The load-time probe must tell them apart.
+#[test]
+fn several_images_per_vision_call_only_when_the_export_encodes_them_independently() {
+    use retoucher::agents::reasoning::vlm::preprocess::VisionInput;
+    use retoucher::agents::reasoning::vlm::vision::VisionEncoder;
+    use retoucher::engine::batcher::BatchModel;
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+import sys, onnx
+from onnx import helper as h, TensorProto as T
+def build(path, mixing):
+    c = lambda n, v, t=T.INT64: h.make_node("Constant", [], [n], value=h.make_tensor(n, t, [len(v)], v))
+    nodes = [c("shape", [-1, 4, 1176]), c("s0", [0]), c("s1", [16]), c("ax", [1]),
+             h.make_node("Reshape", ["pixel_values", "shape"], ["groups"]),
+             h.make_node("ReduceMean", ["groups"], ["merged"], axes=[1], keepdims=0),
+             h.make_node("Slice", ["merged", "s0", "s1", "ax"], ["head"]),
+             h.make_node("Cast", ["grid_thw"], ["gridf"], to=T.FLOAT),
+             h.make_node("ReduceSum", ["gridf"], ["gsum"], keepdims=0),
+             c("zero", [0.0], T.FLOAT), h.make_node("Mul", ["gsum", "zero"], ["nothing"]),
+             h.make_node("Add", ["head", "nothing"], ["plain"])]
+    if mixing:
+        nodes += [h.make_node("ReduceMean", ["head"], ["mean"], axes=[0], keepdims=1),
+                  h.make_node("Sub", ["plain", "mean"], ["image_features"])]
+    else:
+        nodes += [h.make_node("Identity", ["plain"], ["image_features"])]
+    g = h.make_graph(nodes, "vision",
+        [h.make_tensor_value_info("pixel_values", T.FLOAT, ["num_patches", 1176]),
+         h.make_tensor_value_info("grid_thw", T.INT64, ["num_images", 3])],
+        [h.make_tensor_value_info("image_features", T.FLOAT, ["num_merged", 16])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+build(sys.argv[1], False)
+build(sys.argv[2], True)
+"#;
+    let (faithful, mixing) = (
+        dir.path().join("faithful.onnx"),
+        dir.path().join("mixing.onnx"),
+    );
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(&faithful)
+        .arg(&mixing)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let encoder = |path: &Path| {
+        let graph = Graph::new(load_session(path, &engine()).unwrap(), "vision").unwrap();
+        VisionEncoder::new(graph, 1176, 2).unwrap()
+    };
+    let mut good = encoder(&faithful);
+    assert!(good.multi_image, "independent images batch");
+    assert_eq!(good.grid_input, "grid_thw");
+    assert!(!encoder(&mixing).multi_image, "mixing images does not");
+    let image = |h: i64, w: i64, v: f32| VisionInput {
+        pixel_values: (0..h * w * 1176)
+            .map(|i| v + (i % 97) as f32 / 97.0)
+            .collect(),
+        grid: [1, h, w],
+        resized: (0, 0),
+    };
+    let images = vec![image(4, 4, 0.0), image(2, 6, 1.0), image(4, 2, -1.0)];
+    let together = good.run(images.clone()).unwrap();
+    for (i, alone) in images.into_iter().enumerate() {
+        assert_eq!(together[i], good.run(vec![alone]).unwrap()[0], "image {i}");
+    }
+    assert_eq!(
+        together.iter().map(|f| f.rows).collect::<Vec<_>>(),
+        [4, 3, 2]
+    );
+}

@@ -313,6 +313,8 @@ mod tests {
             r#"[{"bbox_2d":[1e400,1,2,3]}]"#.to_string(),
             "[".repeat(65) + &"]".repeat(65),
             "[\"a\u{1}\"]".to_string(),
+            // Python's json accepts a lone surrogate escape; serde_json does not (documented).
+            r#"[{"bbox_2d":[1,2,3,4],"category":"hand","instruction":"\ud800"}]"#.to_string(),
         ];
         for text in invalid {
             assert_eq!(check(&text).error, Some(Malformed::InvalidJson), "{text}");

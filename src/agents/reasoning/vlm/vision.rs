@@ -1,7 +1,8 @@
 //! The VLM's vision encoder behind a batcher: pre-processed images in, image features out (one
 //! row per merged image token). Several images go into one call when the export's grid input
-//! takes several rows (`[images, 3]`); an export whose grid is fixed at `[1, 3]` (the test
-//! bundle's, and the traced exports) is called once per image.
+//! takes several rows (`[images, 3]`) and a probe at load shows that two images encoded together
+//! give the features they give alone; otherwise (a grid fixed at `[1, 3]`, as in the test bundle
+//! and traced exports) images are encoded one per call.
 
 use anyhow::{bail, Context};
 
@@ -75,13 +76,61 @@ impl VisionEncoder {
             [only] => only.name.clone(),
             _ => graph.output("image_features")?.name.clone(),
         };
-        Ok(VisionEncoder {
-            grid_input: grid.name.clone(),
-            multi_image: grid.dim(0) != Some(1),
+        let (grid_input, several) = (grid.name.clone(), grid.dim(0) != Some(1));
+        let mut encoder = VisionEncoder {
+            grid_input,
+            multi_image: false,
             output,
             merge: merge as usize,
             graph,
-        })
+        };
+        if several {
+            encoder.multi_image = encoder.batches_faithfully(row_len);
+        }
+        Ok(encoder)
+    }
+
+    /// Whether two small images encoded in one call give the features each gives alone (an
+    /// export may declare a dynamic grid and still be correct for one image only).
+    fn batches_faithfully(&mut self, row_len: usize) -> bool {
+        let m = self.merge as i64;
+        let image = |h: i64, w: i64, seed: f32| {
+            let patches = (h * w) as usize;
+            VisionInput {
+                pixel_values: (0..patches * row_len)
+                    .map(|i| ((i as f32 * 0.618 + seed).fract() - 0.5) * 2.0)
+                    .collect(),
+                grid: [1, h, w],
+                resized: (0, 0),
+            }
+        };
+        let images = [image(2 * m, 2 * m, 0.1), image(2 * m, 3 * m, 0.7)];
+        let together = self.encode(&images);
+        let alone: anyhow::Result<Vec<ImageFeatures>> = images
+            .iter()
+            .map(|i| {
+                self.encode(std::slice::from_ref(i))
+                    .map(|mut f| f.remove(0))
+            })
+            .collect();
+        let same = match (together, alone) {
+            (Ok(a), Ok(b)) => a.iter().zip(&b).all(|(x, y)| {
+                x.values.len() == y.values.len()
+                    && x.values
+                        .iter()
+                        .zip(&y.values)
+                        .all(|(p, q)| (p - q).abs() <= 1e-3 * (1.0 + q.abs()))
+            }),
+            _ => false,
+        };
+        if !same {
+            tracing::warn!(
+                model = %self.graph.name,
+                "the vision encoder declares several images per call but does not encode them \
+                 like one at a time: one image per call"
+            );
+        }
+        same
     }
 
     /// Encodes the images in one call.
