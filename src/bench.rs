@@ -21,7 +21,7 @@ use crate::app::{self, StorageKind};
 use crate::bundle::Bundle;
 use crate::config::{BatchingOverride, Settings};
 use crate::cputime::{CpuDelta, CpuSample};
-use crate::engine::batcher::{BatchObserver, BatchRecord};
+use crate::engine::batcher::{BatchObserver, BatchRecord, DecoderEvent};
 use crate::error::{ErrorClass, JobError};
 use crate::execute::{Executor, JobSpec};
 use crate::job::JobOptions;
@@ -49,6 +49,10 @@ pub struct BenchOptions {
     /// Side of the generated square images, in pixels.
     #[arg(long, default_value_t = 512)]
     pub image_size: u32,
+    /// The jobs' prompt (with the VLM test bundle, prompt keywords steer its answers: see
+    /// models/README.md).
+    #[arg(long, default_value = "a photo, detailed, natural light")]
+    pub prompt: String,
     /// Share of generated images with magenta blemishes (0..1).
     #[arg(long, default_value_t = 0.5)]
     pub blemished: f32,
@@ -94,12 +98,83 @@ pub struct ModelStats {
     pub model_only_batch_size: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Latency {
     pub mean_ms: f64,
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
+}
+
+/// The VLM decoder's figures of one run (reasoning mode `vlm`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DecoderReport {
+    /// `batching.decoder.max_batch_size`: sequences decoded together at most.
+    pub max_active: usize,
+    /// Sequences generated (one per VLM call).
+    pub sequences: u64,
+    /// Tokens generated, stop tokens included.
+    pub generated_tokens: u64,
+    /// Generated tokens per second of the run's wall time.
+    pub tokens_per_s: f64,
+    /// Generated tokens per second of decoder time (prefills and steps): its ceiling.
+    pub busy_tokens_per_s: f64,
+    pub decode_steps: u64,
+    /// Mean and largest number of sequences in one decode step.
+    pub mean_decode_batch: f64,
+    pub max_decode_batch: usize,
+    pub mean_prefill_ms: f64,
+    pub mean_prompt_tokens: f64,
+    pub mean_step_ms: f64,
+    pub time_to_first_token: Latency,
+    /// Decoder time (prefills and steps) per completed job.
+    pub busy_ms_per_job: f64,
+}
+
+/// Raw decoder events of a run.
+#[derive(Debug, Clone, Default)]
+struct DecoderTally {
+    sequences: u64,
+    tokens: u64,
+    prompt_tokens: u64,
+    prefills: u64,
+    prefill_s: f64,
+    steps: u64,
+    step_s: f64,
+    batch_sum: u64,
+    max_batch: usize,
+    ttft_ms: Vec<f64>,
+}
+
+impl DecoderTally {
+    fn report(mut self, max_active: usize, wall_s: f64, jobs: f64) -> DecoderReport {
+        self.ttft_ms.sort_by(|a, b| a.total_cmp(b));
+        let busy = self.prefill_s + self.step_s;
+        DecoderReport {
+            max_active,
+            sequences: self.sequences,
+            generated_tokens: self.tokens,
+            tokens_per_s: self.tokens as f64 / wall_s.max(f64::MIN_POSITIVE),
+            busy_tokens_per_s: if busy > 0.0 {
+                self.tokens as f64 / busy
+            } else {
+                0.0
+            },
+            decode_steps: self.steps,
+            mean_decode_batch: self.batch_sum as f64 / self.steps.max(1) as f64,
+            max_decode_batch: self.max_batch,
+            mean_prefill_ms: self.prefill_s * 1000.0 / self.prefills.max(1) as f64,
+            mean_prompt_tokens: self.prompt_tokens as f64 / self.prefills.max(1) as f64,
+            mean_step_ms: self.step_s * 1000.0 / self.steps.max(1) as f64,
+            time_to_first_token: Latency {
+                mean_ms: self.ttft_ms.iter().sum::<f64>() / self.ttft_ms.len().max(1) as f64,
+                p50_ms: percentile(&self.ttft_ms, 50.0),
+                p95_ms: percentile(&self.ttft_ms, 95.0),
+                p99_ms: percentile(&self.ttft_ms, 99.0),
+            },
+            busy_ms_per_job: busy * 1000.0 / jobs.max(1.0),
+        }
+    }
 }
 
 /// One load run.
@@ -115,7 +190,10 @@ pub struct RunReport {
     /// Mean time per job in each stage (from the jobs' diagnostics), in milliseconds.
     pub stages_ms: BTreeMap<String, f64>,
     pub models: BTreeMap<String, ModelStats>,
-    /// Jobs/s if the models were the only cost: 1 / Σ(items per job ÷ model-only items/s).
+    /// The VLM decoder (reasoning mode `vlm`).
+    pub decoder: Option<DecoderReport>,
+    /// Jobs/s if the models were the only cost: 1 / Σ(items per job ÷ model-only items/s),
+    /// plus the decoder's time per job.
     pub model_only_jobs_per_s: f64,
     pub end_to_end_over_model_only: f64,
     /// Denoising steps of diffusion repairs during the load (one per region and step).
@@ -179,12 +257,16 @@ pub struct BenchReport {
     pub runs: Vec<RunReport>,
     /// Dynamic batching jobs/s ÷ batch-size-1 jobs/s (with `--compare-batch-1`).
     pub dynamic_over_batch_1: Option<f64>,
+    /// The same for the VLM decoder's generated tokens/s.
+    pub tokens_dynamic_over_batch_1: Option<f64>,
 }
 
-/// Collects batch records per model (and forwards them to the Prometheus metrics).
+/// Collects batch records per model and the decoder's events (and forwards them to the
+/// Prometheus metrics).
 #[derive(Default)]
 struct Recorder {
     models: Mutex<BTreeMap<String, ModelStats>>,
+    decoder: Mutex<Option<DecoderTally>>,
 }
 
 impl BatchObserver for Recorder {
@@ -207,11 +289,49 @@ impl BatchObserver for Recorder {
     fn queue_depth(&self, model: &str, depth: usize) {
         BatchMetrics.queue_depth(model, depth);
     }
+    fn decoder(&self, model: &str, event: &DecoderEvent) {
+        BatchMetrics.decoder(model, event);
+        let mut tally = self.decoder.lock().unwrap_or_else(|e| e.into_inner());
+        let t = tally.get_or_insert_with(DecoderTally::default);
+        match *event {
+            DecoderEvent::Prefill {
+                prompt_tokens,
+                duration,
+                time_to_first_token,
+            } => {
+                t.tokens += 1;
+                t.prefills += 1;
+                t.prompt_tokens += prompt_tokens as u64;
+                t.prefill_s += duration.as_secs_f64();
+                t.ttft_ms.push(time_to_first_token.as_secs_f64() * 1000.0);
+            }
+            DecoderEvent::Step { batch, duration } => {
+                t.tokens += batch as u64;
+                t.steps += 1;
+                t.step_s += duration.as_secs_f64();
+                t.batch_sum += batch as u64;
+                t.max_batch = t.max_batch.max(batch);
+            }
+            DecoderEvent::Finished { generated } => {
+                if generated > 0 {
+                    t.sequences += 1;
+                }
+            }
+            DecoderEvent::Load { .. } => {}
+        }
+    }
 }
 
 impl Recorder {
     fn take(&self) -> BTreeMap<String, ModelStats> {
         std::mem::take(&mut *self.models.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn take_decoder(&self) -> Option<DecoderTally> {
+        self.decoder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }
 
@@ -285,6 +405,13 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
     let _ = std::fs::remove_dir_all(&work);
     let dynamic_over_batch_1 = (runs.len() == 2 && runs[1].jobs_per_s > 0.0)
         .then(|| runs[0].jobs_per_s / runs[1].jobs_per_s);
+    let tokens_dynamic_over_batch_1 = match runs.as_slice() {
+        [dynamic, one] => match (&dynamic.decoder, &one.decoder) {
+            (Some(d), Some(o)) if o.tokens_per_s > 0.0 => Some(d.tokens_per_s / o.tokens_per_s),
+            _ => None,
+        },
+        _ => None,
+    };
     Ok(BenchReport {
         bundle: format!("{} {}", bundle.manifest.name, bundle.manifest.version),
         device: settings.models.device.clone(),
@@ -292,6 +419,7 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
         cpus: cpus(),
         runs,
         dynamic_over_batch_1,
+        tokens_dynamic_over_batch_1,
     })
 }
 
@@ -337,7 +465,9 @@ async fn run_load(
         ..settings.clone()
     };
     let agents = app::agents(settings, recorder.clone()).await?;
-    recorder.take(); // warm-up batches are not part of the run
+    // Warm-up batches are not part of the run.
+    recorder.take();
+    recorder.take_decoder();
     let out = work.join(label);
     let total = options.jobs;
     eprintln!(
@@ -360,7 +490,7 @@ async fn run_load(
             let job = JobSpec {
                 job_id: format!("bench-{i}"),
                 image: Location::File(inputs[i % inputs.len()].clone()),
-                prompt: "a photo, detailed, natural light".to_string(),
+                prompt: options.prompt.clone(),
                 results: Location::File(out.clone()).join(&format!("bench-{i}/")),
                 options: JobOptions::default(),
                 metadata: None,
@@ -422,6 +552,13 @@ async fn run_load(
     };
     let _ = std::fs::remove_dir_all(&out);
     let mut models = recorder.take();
+    let decoder = recorder.take_decoder().map(|tally| {
+        let max_active = agents
+            .reasoning
+            .vlm()
+            .map_or(0, |vlm| vlm.decoding.max_active);
+        tally.report(max_active, wall, latencies.len() as f64)
+    });
     latencies.sort_by(|a, b| a.total_cmp(b));
     let completed = latencies.len().max(1) as f64;
     for ms in stages.values_mut() {
@@ -438,10 +575,16 @@ async fn run_load(
             .map_or(1, |m| m.max_batch_size);
     }
     eprintln!("[{label}] model-only phase");
-    let mut model_only_seconds_per_job = 0.0;
+    let mut model_only_seconds_per_job =
+        decoder.as_ref().map_or(0.0, |d| d.busy_ms_per_job / 1000.0);
     for (name, stats) in models.iter_mut() {
         let b = (stats.mean_batch_size.round() as usize).clamp(1, stats.max_batch_size.max(1));
-        let per_s = model_only(&agents, &recorder, name, b, options.model_only_batches).await?;
+        let mut per_s = model_only(&agents, &recorder, name, b, options.model_only_batches).await?;
+        if per_s == 0.0 && stats.total_inference_ms > 0.0 {
+            // A model with a batcher of its own (the VLM's vision encoder) has no probe: its
+            // busy time in the run itself is its ceiling.
+            per_s = stats.items as f64 * 1000.0 / stats.total_inference_ms;
+        }
         stats.model_only_items_per_s = per_s;
         stats.model_only_batch_size = b;
         if per_s > 0.0 {
@@ -469,6 +612,7 @@ async fn run_load(
         },
         stages_ms: stages,
         models,
+        decoder,
         model_only_jobs_per_s,
         end_to_end_over_model_only: if model_only_jobs_per_s > 0.0 {
             jobs_per_s / model_only_jobs_per_s
@@ -632,7 +776,7 @@ async fn through_broker(
         let body = serde_json::json!({
             "job_id": job_id,
             "image": uris[i % uris.len()],
-            "prompt": "a photo, detailed, natural light",
+            "prompt": options.prompt,
         });
         publisher
             .publish_job(&settings.broker.queue, body.to_string().as_bytes())
@@ -737,6 +881,26 @@ pub fn table(report: &BenchReport) -> String {
                 m.model_only_batch_size
             ));
         }
+        if let Some(d) = &run.decoder {
+            s.push_str(&format!(
+                "  decoder (max {} active): {} sequences, {} tokens: {:.1} tokens/s ({:.1} while busy); \
+                 {} steps, mean batch {:.2} (max {}), step {:.1} ms; prefill {:.1} ms for {:.0} tokens; \
+                 first token p50 {:.0} ms, p95 {:.0} ms\n",
+                d.max_active,
+                d.sequences,
+                d.generated_tokens,
+                d.tokens_per_s,
+                d.busy_tokens_per_s,
+                d.decode_steps,
+                d.mean_decode_batch,
+                d.max_decode_batch,
+                d.mean_step_ms,
+                d.mean_prefill_ms,
+                d.mean_prompt_tokens,
+                d.time_to_first_token.p50_ms,
+                d.time_to_first_token.p95_ms
+            ));
+        }
         s.push_str(&format!(
             "  model-only ceiling {:.1} jobs/s; end-to-end / model-only = {:.2}\n",
             run.model_only_jobs_per_s, run.end_to_end_over_model_only
@@ -771,6 +935,11 @@ pub fn table(report: &BenchReport) -> String {
     }
     if let Some(ratio) = report.dynamic_over_batch_1 {
         s.push_str(&format!("\ndynamic batching / batch size 1 = {ratio:.2}\n"));
+    }
+    if let Some(ratio) = report.tokens_dynamic_over_batch_1 {
+        s.push_str(&format!(
+            "decoder tokens/s, continuous batching / one sequence at a time = {ratio:.2}\n"
+        ));
     }
     s
 }

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::agents::action::ToolName;
+use crate::agents::reasoning::vlm::spec::VlmSpec;
 
 /// A parsed, verified bundle.
 #[derive(Debug, Clone)]
@@ -98,6 +99,9 @@ pub struct ReasoningSpec {
     pub feather_pixels: u32,
     pub max_regions: usize,
     pub context: f32,
+    /// `[reasoning.vlm]`: the vision-language model (`vlm` mode).
+    #[serde(default)]
+    pub vlm: Option<VlmSpec>,
 }
 
 fn zeros() -> [f32; 3] {
@@ -156,6 +160,12 @@ impl Bundle {
         }
         for name in m.action.tools.keys() {
             ToolName::parse(name).map_err(|e| anyhow::anyhow!("[action.tools.{name}]: {e}"))?;
+        }
+        if m.reasoning.mode == ReasoningMode::Vlm {
+            let Some(vlm) = &m.reasoning.vlm else {
+                bail!("reasoning.mode = \"vlm\" needs a [reasoning.vlm] table (models/README.md)");
+            };
+            vlm.check(m.reasoning.classifier.is_some())?;
         }
         for category in m.action.routing.keys() {
             if !m.taxonomy.categories.contains(category) {
@@ -264,6 +274,75 @@ mod tests {
         let err = format!("{:#}", Bundle::load(dir.path()).unwrap_err());
         assert!(err.contains("classifier.onnx"), "{err}");
         assert!(err.contains("bundle.toml says"), "{err}");
+    }
+
+    /// Loads `models/vlm-reference/bundle.toml` with one line replaced (or removed when
+    /// `with` is empty); returns the load error.
+    fn vlm_bundle_error(line: &str, with: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/vlm-reference/bundle.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text
+            .find(line)
+            .unwrap_or_else(|| panic!("no line {line:?}"));
+        let end = start + text[start..].find('\n').unwrap() + 1;
+        let edited = format!("{}{with}{}", &text[..start], &text[end..]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bundle.toml"), edited).unwrap();
+        format!("{:#}", Bundle::load(dir.path()).unwrap_err())
+    }
+
+    #[test]
+    fn bad_vlm_keys_are_refused_by_name() {
+        let cases = [
+            (
+                "bbox_coordinates =",
+                "bbox_coordinates = \"pixels\"\n",
+                "bbox_coordinates",
+            ),
+            ("fallback =", "fallback = \"retry\"\n", "fallback"),
+            (
+                "max_new_tokens =",
+                "max_new_tokens = 0\n",
+                "reasoning.vlm.max_new_tokens",
+            ),
+            ("max_new_tokens =", "", "max_new_tokens"),
+            (
+                "merge_size =",
+                "merge_size = 0\n",
+                "reasoning.vlm.merge_size",
+            ),
+            (
+                "max_pixels =",
+                "max_pixels = 100\n",
+                "reasoning.vlm.max_pixels",
+            ),
+            (
+                "stop_tokens =",
+                "stop_tokens = []\n",
+                "reasoning.vlm.stop_tokens",
+            ),
+            (
+                "std = [0.26862954",
+                "std = [0.0, 1.0, 1.0]\n",
+                "reasoning.vlm.std",
+            ),
+            ("classifier = ", "", "reasoning.vlm.fallback"),
+            (
+                "template =",
+                "template = \"no image {{prompt}}\"\n",
+                "reasoning.vlm.template",
+            ),
+            (
+                "template =",
+                "template = \"<|image_pad|> {{question}}\"\n",
+                "{{question}}",
+            ),
+            ("[reasoning.vlm]", "[reasoning.other]\n", "[reasoning.vlm]"),
+        ];
+        for (line, with, key) in cases {
+            let err = vlm_bundle_error(line, with);
+            assert!(err.contains(key), "{line} -> {with:?}: {err}");
+        }
     }
 
     #[test]

@@ -140,6 +140,8 @@ pub struct BatchingOverride {
     pub max_batch_size: Option<usize>,
     pub max_delay_ms: Option<u64>,
     pub max_queue: Option<usize>,
+    /// KV cache budget in bytes of a continuously batched decoder (`batching.decoder`).
+    pub max_kv_bytes: Option<u64>,
 }
 
 impl Settings {

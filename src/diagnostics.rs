@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::agents::reasoning::vlm::VlmTrace;
 use crate::agents::reasoning::Region;
 use crate::agents::ModelInfo;
 use crate::pipeline::{Iteration, StageTimings};
@@ -88,6 +89,11 @@ pub struct IterationInfo {
     pub index: usize,
     pub saliency: SaliencyInfo,
     pub regions: Vec<RegionInfo>,
+    /// What the VLM did (reasoning's `vlm` mode, when reasoning ran): the proposals it was
+    /// shown, the generated text, token counts, decode timings, the validated answer with its
+    /// dropped items and reasons, and the fallback that ran when the answer was malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlm: Option<VlmTrace>,
     pub timings_ms: StageTimings,
 }
 
@@ -106,6 +112,7 @@ impl From<&Iteration> for IterationInfo {
                 .iter()
                 .map(|r| RegionInfo::of(it.index, r))
                 .collect(),
+            vlm: it.vlm.clone(),
             timings_ms: it.timings_ms,
         }
     }

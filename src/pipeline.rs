@@ -10,7 +10,8 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::agents::action::JobContext;
-use crate::agents::reasoning::Region;
+use crate::agents::reasoning::vlm::VlmTrace;
+use crate::agents::reasoning::{Reasoned, Region};
 use crate::agents::Agents;
 use crate::error::JobError;
 use crate::imaging::Map;
@@ -42,6 +43,8 @@ pub struct Iteration {
     pub saliency: SaliencyStats,
     pub saliency_map: Map,
     pub regions: Vec<Region>,
+    /// What the VLM did, in reasoning's `vlm` mode.
+    pub vlm: Option<VlmTrace>,
     pub timings_ms: StageTimings,
 }
 
@@ -118,22 +121,25 @@ pub async fn retouch(
         // Stop when nothing is distorted any more, or when the edit budget is spent: the last
         // perception pass is kept so the diagnostics show what is left.
         let budget_left = index < settings.max_iterations as usize;
-        let regions = if stats.max > threshold && budget_left {
+        let job = JobContext {
+            job_id,
+            prompt,
+            iteration: index,
+            diffusion_steps: settings.diffusion_steps,
+        };
+        let Reasoned { regions, vlm } = if stats.max > threshold && budget_left {
             let started = Instant::now();
-            let regions = agents.reasoning.regions(&image, &map, threshold).await?;
+            let reasoned = agents
+                .reasoning
+                .regions(&image, &map, threshold, job)
+                .await?;
             timings.reasoning = ms(started);
-            regions
+            reasoned
         } else {
-            Vec::new()
+            Reasoned::default()
         };
         if !regions.is_empty() {
             let started = Instant::now();
-            let job = JobContext {
-                job_id,
-                prompt,
-                iteration: index,
-                diffusion_steps: settings.diffusion_steps,
-            };
             image = agents.action.apply(&image, &regions, job).await?;
             timings.action = ms(started);
         }
@@ -150,6 +156,7 @@ pub async fn retouch(
             saliency: stats,
             saliency_map: map,
             regions,
+            vlm,
             timings_ms: timings,
         });
         if done {

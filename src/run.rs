@@ -291,6 +291,47 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// What the VLM said in one iteration: token counts, its answer, what was dropped and the
+/// fallback that ran.
+fn vlm_summary(iteration: usize, vlm: &crate::agents::reasoning::vlm::VlmTrace) -> String {
+    let mut notes = Vec::new();
+    if let Some(reason) = &vlm.unsupported {
+        notes.push(escape(reason));
+    }
+    if let Some(answer) = &vlm.answer {
+        if let Some(error) = answer.error {
+            notes.push(format!("malformed answer ({})", error.as_str()));
+        }
+        for dropped in &answer.dropped {
+            notes.push(format!(
+                "item {} dropped ({})",
+                dropped.index,
+                serde_json::to_value(dropped.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(fallback) = vlm.fallback {
+        notes.push(format!("fallback: {}", fallback.as_str()));
+    }
+    format!(
+        "<p class=\"vlm\">VLM, iteration {iteration}: {} prompt tokens ({} image), {} generated, \
+         first token after {:.0} ms{}<br><code>{}</code></p>\n",
+        vlm.prompt_tokens,
+        vlm.image_tokens,
+        vlm.generated_tokens,
+        vlm.timings_ms.time_to_first_token,
+        if notes.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", notes.join("; "))
+        },
+        escape(&vlm.text)
+    )
+}
+
 /// The contact sheet: one row per job, original | saliency | retouched, regions listed.
 fn contact_sheet(lines: &[JobLine], rejected: &[(String, String)]) -> String {
     let mut html = String::from(
@@ -301,6 +342,7 @@ fn contact_sheet(lines: &[JobLine], rejected: &[(String, String)]) -> String {
          .row img{max-width:360px;max-height:360px;border:1px solid #ccc;image-rendering:auto}\n\
          figcaption{font-size:.85em;color:#555;text-align:center}\n\
          .retouched{color:#0a7d32;font-weight:600}.clean{color:#555;font-weight:600}.failed{color:#b00020;font-weight:600}\n\
+         .vlm{font-size:.85em;color:#333}.vlm code{white-space:pre-wrap;background:#f3f3f3}\n\
          table{border-collapse:collapse;font-size:.9em;margin-top:.5em}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:left}\n\
          </style></head><body>\n<h1>retoucher contact sheet</h1>\n",
     );
@@ -353,7 +395,7 @@ fn contact_sheet(lines: &[JobLine], rejected: &[(String, String)]) -> String {
                     .flat_map(|it| it.regions.iter().map(move |r| (it.index, r)))
                     .collect();
                 if !regions.is_empty() {
-                    html.push_str("<table><tr><th>iteration</th><th>region</th><th>category</th><th>score</th><th>bbox</th><th>tool</th><th>description</th></tr>\n");
+                    html.push_str("<table><tr><th>iteration</th><th>region</th><th>category</th><th>score</th><th>bbox</th><th>tool</th><th>instruction</th></tr>\n");
                     for (i, r) in regions {
                         html.push_str(&format!(
                             "<tr><td>{i}</td><td><a href=\"{id}/{}\">{}</a></td><td>{}</td><td>{:.2}</td><td>{:?}</td><td>{}</td><td>{}</td></tr>\n",
@@ -367,6 +409,11 @@ fn contact_sheet(lines: &[JobLine], rejected: &[(String, String)]) -> String {
                         ));
                     }
                     html.push_str("</table>\n");
+                }
+                for it in &d.iterations {
+                    if let Some(vlm) = &it.vlm {
+                        html.push_str(&vlm_summary(it.index, vlm));
+                    }
                 }
                 html.push_str(&format!(
                     "<p><a href=\"{id}/{}\">diagnostics.json</a></p>",
@@ -403,6 +450,36 @@ mod tests {
     fn job_ids_from_file_names() {
         assert_eq!(job_id_for(Path::new("/x/my photo (1).png")), "my_photo__1_");
         assert_eq!(job_id_for(Path::new("a.b.jpg")), "a.b");
+    }
+
+    #[test]
+    fn vlm_summaries_show_the_answer_escaped_and_the_fallback() {
+        use crate::agents::reasoning::vlm::answer::{Answer, Malformed};
+        use crate::agents::reasoning::vlm::spec::FallbackKind;
+        use crate::agents::reasoning::vlm::VlmTrace;
+        let trace = VlmTrace {
+            prompt_tokens: 228,
+            image_tokens: 64,
+            generated_tokens: 3,
+            text: "<script>[".into(),
+            answer: Some(Answer {
+                error: Some(Malformed::InvalidJson),
+                regions: vec![],
+                dropped: vec![],
+            }),
+            fallback: Some(FallbackKind::Saliency),
+            ..VlmTrace::default()
+        };
+        let html = vlm_summary(1, &trace);
+        assert!(html.contains("&lt;script&gt;["), "{html}");
+        assert!(
+            html.contains("invalid_json") && html.contains("fallback: saliency"),
+            "{html}"
+        );
+        assert!(
+            html.contains("228 prompt tokens (64 image), 3 generated"),
+            "{html}"
+        );
     }
 
     #[test]

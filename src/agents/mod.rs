@@ -122,6 +122,9 @@ impl Agents {
                 .await
                 .with_context(|| format!("warming up {}", model.role))?;
         }
-        Ok(())
+        self.reasoning
+            .warm_up()
+            .await
+            .context("warming up the reasoning models")
     }
 }

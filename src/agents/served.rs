@@ -30,6 +30,10 @@ pub enum ModelRole {
     Classifier,
     /// LaMa-convention inpainting (tool `onnx-inpaint`).
     Inpaint,
+    /// The VLM's vision encoder (reasoning, `vlm` mode).
+    Vision,
+    /// The VLM's token embedding and decoder, continuously batched across jobs (`vlm` mode).
+    Decoder,
     /// Diffusion inpainting's text encoder: prompt ids → hidden states (tool `diffusion-inpaint`).
     TextEncoder,
     /// Diffusion inpainting's denoising UNet, one call per step (tool `diffusion-inpaint`).
@@ -45,6 +49,8 @@ impl ModelRole {
     pub const ALL: &'static [ModelRole] = &[
         ModelRole::Perception,
         ModelRole::Classifier,
+        ModelRole::Vision,
+        ModelRole::Decoder,
         ModelRole::Inpaint,
         ModelRole::TextEncoder,
         ModelRole::Unet,
@@ -57,6 +63,8 @@ impl ModelRole {
             ModelRole::Perception => "perception",
             ModelRole::Classifier => "classifier",
             ModelRole::Inpaint => "inpaint",
+            ModelRole::Vision => "vision",
+            ModelRole::Decoder => "decoder",
             ModelRole::TextEncoder => "text_encoder",
             ModelRole::Unet => "unet",
             ModelRole::VaeEncoder => "vae_encoder",
@@ -70,6 +78,9 @@ impl fmt::Display for ModelRole {
         f.write_str(self.as_str())
     }
 }
+
+/// KV cache bytes a decoder's running batch may hold unless configured (1 GiB).
+pub const DEFAULT_KV_BYTES: u64 = 1 << 30;
 
 /// Everything an agent or tool needs to load its models.
 pub struct LoadContext<'a> {
@@ -114,6 +125,17 @@ impl LoadContext<'_> {
             }
         }
         s
+    }
+
+    /// The KV cache budget of a continuously batched decoder: bundle's
+    /// `[batching.<role>] max_kv_bytes` ← config; default [`DEFAULT_KV_BYTES`].
+    pub fn kv_budget(&self, role: ModelRole) -> u64 {
+        let config = self.batching.get(role.as_str());
+        let bundle = self.bundle.manifest.batching.get(role.as_str());
+        config
+            .and_then(|layer| layer.max_kv_bytes)
+            .or_else(|| bundle.and_then(|layer| layer.max_kv_bytes))
+            .unwrap_or(DEFAULT_KV_BYTES)
     }
 
     /// Starts the batcher of a model (batch size 1 when its batch dimension is fixed).

@@ -74,10 +74,35 @@ pub struct BatchRecord {
     pub skipped: usize,
 }
 
-/// Receives every [`BatchRecord`] and queue-depth change (metrics, tests).
+/// What a decoder that batches sequences step by step (continuous batching) reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DecoderEvent {
+    /// A sequence was prefilled alone and produced its first token.
+    Prefill {
+        prompt_tokens: usize,
+        /// The prefill's own duration.
+        duration: Duration,
+        /// From the sequence's submission to its first token (queue + prefill).
+        time_to_first_token: Duration,
+    },
+    /// One decode step: one token for each of `batch` sequences.
+    Step { batch: usize, duration: Duration },
+    /// The running batch after sequences joined or left.
+    Load {
+        active: usize,
+        /// Bytes of the batched KV cache, padding included.
+        kv_bytes: u64,
+    },
+    /// A sequence left: finished (`generated` tokens), failed, or abandoned by its caller.
+    Finished { generated: usize },
+}
+
+/// Receives every [`BatchRecord`] and queue-depth change (metrics, tests), and the events of
+/// continuously batched decoders.
 pub trait BatchObserver: Send + Sync + 'static {
     fn batch(&self, model: &str, record: &BatchRecord);
     fn queue_depth(&self, model: &str, depth: usize);
+    fn decoder(&self, _model: &str, _event: &DecoderEvent) {}
 }
 
 /// An observer that ignores everything.
@@ -149,17 +174,11 @@ impl<M: BatchModel> Batcher<M> {
             depth.clone(),
             observer.clone(),
         ));
-        let thread_name = format!("model-{name}");
         let thread_model = name.clone();
         let thread_observer = observer.clone();
-        let thread = std::thread::Builder::new()
-            .name(thread_name)
-            .spawn(move || execute(thread_model, model, batch_rx, thread_observer))
-            .expect("spawning a model thread");
-        MODEL_THREADS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(thread);
+        spawn_model_thread(&name, move || {
+            execute(thread_model, model, batch_rx, thread_observer)
+        });
         Batcher {
             name,
             tx,
@@ -198,6 +217,19 @@ impl<M: BatchModel> Batcher<M> {
         }
         rx.await.map_err(|_| closed())?
     }
+}
+
+/// Starts the OS thread `model-{name}` that owns a model's sessions; [`join_model_threads`]
+/// waits for it before the process exits.
+pub fn spawn_model_thread(name: &str, run: impl FnOnce() + Send + 'static) {
+    let thread = std::thread::Builder::new()
+        .name(format!("model-{name}"))
+        .spawn(run)
+        .expect("spawning a model thread");
+    MODEL_THREADS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(thread);
 }
 
 /// Model threads started in this process, for [`join_model_threads`].

@@ -1,10 +1,15 @@
 //! The inference engine: the ONNX Runtime environment, execution providers, sessions built from
-//! bundle files, and the [`batcher`] that feeds them.
+//! bundle files, and the [`batcher`] that feeds them. [`OnnxModel`] stacks same-shaped f32/i64
+//! items into one batch and returns one f32 output; [`tensor::Graph`] runs a session by name
+//! with several outputs and f16 conversion at its boundary, and [`kv`] keeps a decoder's KV
+//! cache batched across sequences.
 //!
 //! A session is owned by exactly one model thread (its batcher's), so `Session::run`'s `&mut`
 //! needs no lock; agents only ever see [`OnnxModel`] through a [`batcher::Batcher`].
 
 pub mod batcher;
+pub mod kv;
+pub mod tensor;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
