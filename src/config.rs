@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::{Device, EngineOptions};
+
 const BUILT_IN: &str = include_str!("../config/default.toml");
 
 /// Keys whose values are lists: comma-separated in environment variables and `--set`.
@@ -83,6 +85,19 @@ pub struct ModelSettings {
     pub fallback_to_cpu: bool,
     pub intra_threads: usize,
     pub ort_library: String,
+}
+
+impl ModelSettings {
+    /// How model sessions are created, as these settings ask. (The settings know the engine's
+    /// types, not the other way round: the engine is usable without a configuration.)
+    pub fn engine_options(&self) -> anyhow::Result<EngineOptions> {
+        Ok(EngineOptions {
+            device: Device::parse(&self.device)?,
+            fallback_to_cpu: self.fallback_to_cpu,
+            intra_threads: self.intra_threads,
+            ort_library: self.ort_library.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,7 +204,7 @@ impl Settings {
             self.s3.max_attempts > 0,
             "s3.max_attempts must be at least 1"
         );
-        crate::engine::Device::parse(&self.models.device)?;
+        self.models.engine_options()?;
         // The retry settings must fit the delay queues that the topology declares.
         crate::broker::RetryPolicy::new(&self.broker.queue, &self.retry).with_context(|| {
             format!(

@@ -63,18 +63,6 @@ pub struct EngineOptions {
     pub ort_library: String,
 }
 
-impl EngineOptions {
-    /// The options the `models.*` settings ask for.
-    pub fn from_settings(models: &crate::config::ModelSettings) -> anyhow::Result<EngineOptions> {
-        Ok(EngineOptions {
-            device: Device::parse(&models.device)?,
-            fallback_to_cpu: models.fallback_to_cpu,
-            intra_threads: models.intra_threads,
-            ort_library: models.ort_library.clone(),
-        })
-    }
-}
-
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
 /// Finds libonnxruntime: the setting, `ORT_DYLIB_PATH`, then the project's `.tools/ort/`
