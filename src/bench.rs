@@ -203,6 +203,9 @@ impl BatchObserver for Recorder {
     fn queue_depth(&self, model: &str, depth: usize) {
         BatchMetrics.queue_depth(model, depth);
     }
+    fn recovery(&self, model: &str, event: crate::engine::batcher::Recovery) {
+        BatchMetrics.recovery(model, event);
+    }
 }
 
 impl Recorder {

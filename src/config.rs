@@ -131,12 +131,19 @@ pub struct Limits {
     pub max_image_pixels: u64,
 }
 
-/// Per-model batching keys; unset keys fall back to the bundle, then to built-in values.
+/// Per-model batching keys; unset keys fall back to the bundle, then to built-in values
+/// (see [`crate::engine::batcher::BatchSettings`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BatchingOverride {
     pub max_batch_size: Option<usize>,
     pub max_delay_ms: Option<u64>,
     pub max_queue: Option<usize>,
+    /// Retries of a request that failed alone for a transient reason.
+    pub retries: Option<u32>,
+    /// Pause before the first such retry, doubling for each further one.
+    pub retry_backoff_ms: Option<u64>,
+    /// Transient failures in a row after which the model is unhealthy (worker not ready).
+    pub unhealthy_after: Option<u32>,
 }
 
 impl Settings {

@@ -141,12 +141,15 @@ impl Executor {
         let (width, height) = decoded.rgb.dimensions();
 
         let settings = self.loop_settings(&job.options);
-        let result = pipeline::retouch(
-            &self.agents,
-            decoded.rgb,
+        let result = faults::in_job(
             &job.job_id,
-            &job.prompt,
-            settings,
+            pipeline::retouch(
+                &self.agents,
+                decoded.rgb,
+                &job.job_id,
+                &job.prompt,
+                settings,
+            ),
         )
         .await?;
         timings.perception = result.timings_ms.perception;

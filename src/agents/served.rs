@@ -15,7 +15,7 @@ use ort::session::Session;
 use super::ModelInfo;
 use crate::bundle::Bundle;
 use crate::config::BatchingOverride;
-use crate::engine::batcher::{BatchObserver, BatchSettings, Batcher};
+use crate::engine::batcher::{BatchError, BatchObserver, BatchSettings, Batcher};
 use crate::engine::{load_session, EngineOptions, OnnxModel, TensorData};
 use crate::error::{ErrorClass, JobError};
 
@@ -96,6 +96,15 @@ impl LoadContext<'_> {
             if let Some(v) = layer.max_queue {
                 s.max_queue = v.max(1);
             }
+            if let Some(v) = layer.retries {
+                s.retries = v;
+            }
+            if let Some(v) = layer.retry_backoff_ms {
+                s.retry_backoff = std::time::Duration::from_millis(v);
+            }
+            if let Some(v) = layer.unhealthy_after {
+                s.unhealthy_after = v.max(1);
+            }
         }
         s
     }
@@ -137,13 +146,19 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
-    /// Runs one request through the batcher; a model failure is the job's `model_error`.
+    /// Runs one request through the batcher. A request that fails alone is the job's
+    /// `model_error` (permanent); a model that could not run it (out of memory, device busy,
+    /// shutting down) is `model_unavailable` (transient: the job is retried later).
     pub async fn submit(&self, request: Vec<TensorData>) -> Result<Vec<f32>, JobError> {
-        let output = self
-            .batcher
-            .submit(request)
-            .await
-            .map_err(|e| JobError::new(ErrorClass::ModelError, e.to_string()))?;
+        let output = self.batcher.submit(request).await.map_err(|e| {
+            let class = match e {
+                BatchError::Model { .. } => ErrorClass::ModelError,
+                BatchError::Unavailable { .. } | BatchError::Closed { .. } => {
+                    ErrorClass::ModelUnavailable
+                }
+            };
+            JobError::new(class, e.to_string())
+        })?;
         if output.len() != self.output_len {
             return Err(JobError::new(
                 ErrorClass::ModelError,

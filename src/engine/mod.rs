@@ -5,6 +5,7 @@
 //! needs no lock; agents only ever see [`OnnxModel`] through a [`batcher::Batcher`].
 
 pub mod batcher;
+pub mod failure;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -335,16 +336,18 @@ impl OnnxModel {
 impl batcher::BatchModel for OnnxModel {
     type Input = Vec<TensorData>;
     type Output = Vec<f32>;
-    fn run(&mut self, inputs: Vec<Vec<TensorData>>) -> Result<Vec<Vec<f32>>, String> {
+    fn run(&mut self, inputs: &[Vec<TensorData>]) -> Result<Vec<Vec<f32>>, failure::ModelFailure> {
         if self.dynamic_batch || inputs.len() <= 1 {
-            return self.run_batch(&inputs).map_err(|e| format!("{e:#}"));
+            return self
+                .run_batch(inputs)
+                .map_err(|e| failure::ModelFailure::of(&e));
         }
         // A model with a fixed batch dimension of 1 is still served, one item per call.
         let mut out = Vec::with_capacity(inputs.len());
         for item in inputs {
             let mut one = self
-                .run_batch(std::slice::from_ref(&item))
-                .map_err(|e| format!("{e:#}"))?;
+                .run_batch(std::slice::from_ref(item))
+                .map_err(|e| failure::ModelFailure::of(&e))?;
             out.push(one.pop().unwrap_or_default());
         }
         Ok(out)
