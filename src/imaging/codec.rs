@@ -1,13 +1,18 @@
 //! Untrusted bytes in, lossless PNG out: guarded decoding of PNG/JPEG input (format sniffing,
 //! byte and pixel limits checked from the header before any buffer is allocated, truncation
-//! caught) and the PNG encoders of the result set.
+//! caught), the metadata a result keeps (colour profile, EXIF, text), and the PNG encoders of
+//! the result set.
 
 use std::io::Cursor;
 
 use image::codecs::png::PngEncoder;
 use image::RgbImage;
-use image::{ExtendedColorType, GrayImage, ImageEncoder, ImageError, ImageFormat, ImageReader};
+use image::{
+    DynamicImage, ExtendedColorType, GrayImage, ImageDecoder, ImageEncoder, ImageError,
+    ImageFormat, ImageReader,
+};
 
+use super::original::Original;
 use crate::error::{ErrorClass, JobError};
 
 /// Upper bounds on what [`decode`] accepts, so hostile input cannot exhaust memory.
@@ -19,13 +24,43 @@ pub struct ImageLimits {
     pub max_pixels: u64,
 }
 
-/// A decoded input image, always 8-bit RGB, and the container it came in.
+/// A decoded input image: the 8-bit RGB the agents work on, the container it came in, and what
+/// the result keeps of it beyond that (alpha, 16-bit samples, metadata; see [`Original`]).
 #[derive(Clone, Debug)]
 pub struct DecodedImage {
     pub rgb: RgbImage,
     /// `"png"` or `"jpeg"`, as reported in diagnostics.
     pub format: &'static str,
+    pub original: Original,
 }
+
+/// Metadata of the input that the retouched PNG carries over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// PNG input: the ancillary chunks in [`KEPT_PNG_CHUNKS`], whole (length, type, data, CRC),
+    /// in input order.
+    pub png_chunks: Vec<Vec<u8>>,
+    /// JPEG input: the ICC profile (written as `iCCP`).
+    pub icc_profile: Option<Vec<u8>>,
+    /// JPEG input: the EXIF block (written as `eXIf`).
+    pub exif: Option<Vec<u8>>,
+}
+
+/// The PNG chunks a result keeps: how to interpret the colours (`iCCP`, `sRGB`, `gAMA`, `cHRM`,
+/// `cICP`, and the HDR `mDCV`, `cLLI`), the physical pixel size (`pHYs`), text (`tEXt`, `zTXt`,
+/// `iTXt`: generators write their parameters there) and EXIF (`eXIf`). The retouched pixels are
+/// in the same colour space as the input's, so the colour chunks stay true. Dropped: what no
+/// longer describes the output (`tRNS`, `PLTE`, `sBIT`, `bKGD`, `hIST`, `sPLT`: the output is
+/// truecolour with an explicit alpha channel), `tIME` (the image was modified), animation
+/// (`acTL`, `fcTL`, `fdAT`: the first frame is retouched), and chunks this code does not know.
+pub const KEPT_PNG_CHUNKS: [&[u8; 4]; 12] = [
+    b"iCCP", b"sRGB", b"gAMA", b"cHRM", b"cICP", b"mDCV", b"cLLI", b"pHYs", b"tEXt", b"zTXt",
+    b"iTXt", b"eXIf",
+];
+
+/// At most this much metadata is carried over (an ICC profile is a few KiB to a few MiB); chunks
+/// beyond it are dropped.
+pub const MAX_METADATA_BYTES: usize = 8 << 20;
 
 const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
 const JPEG_MAGIC: &[u8] = &[0xFF, 0xD8, 0xFF];
@@ -93,11 +128,62 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, JobErr
     // 8 bytes per pixel covers the widest layout either codec produces (RGBA, 16 bits).
     decoder_limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(DECODER_SLACK_BYTES));
     reader.limits(decoder_limits);
-    let image = reader.decode().map_err(|e| decode_error(name, "data", e))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| decode_error(name, "header", e))?;
+    let metadata = match format {
+        ImageFormat::Png => Metadata {
+            png_chunks: png_metadata(bytes),
+            ..Metadata::default()
+        },
+        // A profile or EXIF block the decoder cannot read is dropped: it must not cost the job.
+        _ => Metadata {
+            icc_profile: decoder.icc_profile().ok().flatten(),
+            exif: decoder.exif_metadata().ok().flatten(),
+            ..Metadata::default()
+        },
+    };
+    let image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(name, "data", e))?;
+    let (rgb, original) = Original::split(image, metadata);
     Ok(DecodedImage {
-        rgb: image.into_rgb8(),
+        rgb,
         format: name,
+        original,
     })
+}
+
+/// The chunks of [`KEPT_PNG_CHUNKS`] in a PNG stream, whole and with a correct CRC, up to
+/// [`MAX_METADATA_BYTES`] in all. Walks the chunk list from the signature to `IEND` and stops at
+/// the first chunk that does not fit the data.
+fn png_metadata(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    let mut at = PNG_MAGIC.len();
+    while let Some(head) = bytes.get(at..at + 8) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let kind = &head[4..8];
+        let Some(chunk) = at
+            .checked_add(12)
+            .and_then(|end| end.checked_add(len))
+            .and_then(|end| bytes.get(at..end))
+        else {
+            break;
+        };
+        if kind == b"IEND" {
+            break;
+        }
+        let (body, crc) = chunk[4..].split_at(len + 4);
+        let crc_ok = crc32fast::hash(body).to_be_bytes() == crc;
+        if KEPT_PNG_CHUNKS.iter().any(|k| k.as_slice() == kind)
+            && crc_ok
+            && total + chunk.len() <= MAX_METADATA_BYTES
+        {
+            total += chunk.len();
+            kept.push(chunk.to_vec());
+        }
+        at += chunk.len();
+    }
+    kept
 }
 
 /// Whether a JPEG stream reaches its EOI marker: walks the marker segments from SOI, skipping
@@ -248,6 +334,44 @@ pub fn encode_mask_png(mask: &GrayImage) -> Vec<u8> {
     )
 }
 
+/// Encodes a retouched image (`Rgb8`, `Rgba8`, `Rgb16` or `Rgba16`; 16-bit samples in native
+/// byte order) as PNG with the input's metadata: a JPEG's profile and EXIF through the encoder,
+/// a PNG's kept chunks copied whole right after `IHDR` (where every one of them may stand).
+pub(super) fn encode_with_metadata(
+    raw: &[u8],
+    width: u32,
+    height: u32,
+    color: ExtendedColorType,
+    metadata: &Metadata,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    );
+    // The PNG encoder takes both; it never refuses them.
+    if let Some(icc) = &metadata.icc_profile {
+        let _ = encoder.set_icc_profile(icc.clone());
+    }
+    if let Some(exif) = &metadata.exif {
+        let _ = encoder.set_exif_metadata(exif.clone());
+    }
+    if encoder.write_image(raw, width, height, color).is_err() {
+        return Vec::new();
+    }
+    // Signature (8) + IHDR (4 length, 4 type, 13 data, 4 CRC).
+    const AFTER_IHDR: usize = 33;
+    if !metadata.png_chunks.is_empty() && out.get(12..16) == Some(b"IHDR".as_slice()) {
+        let tail = out.split_off(AFTER_IHDR);
+        for chunk in &metadata.png_chunks {
+            out.extend_from_slice(chunk);
+        }
+        out.extend_from_slice(&tail);
+    }
+    out
+}
+
 fn encode(raw: &[u8], width: u32, height: u32, color: ExtendedColorType) -> Vec<u8> {
     encode_with(
         raw,
@@ -364,20 +488,107 @@ mod tests {
     }
 
     #[test]
-    fn rgba_png_drops_alpha() {
+    fn rgba_png_gives_the_agents_straight_colour_and_keeps_its_alpha() {
         let rgba = ImageBuffer::from_fn(4, 3, |x, _| Rgba([x as u8 * 10, 20, 30, (x * 60) as u8]));
         let decoded = decode(&png_of(DynamicImage::ImageRgba8(rgba)), &LIMITS).expect("decode");
         assert_eq!(decoded.rgb.dimensions(), (4, 3));
         assert_eq!(decoded.rgb.get_pixel(2, 1), &Rgb([20, 20, 30]));
+        assert_eq!(decoded.original.layout(), super::super::Layout::Rgba8);
     }
 
     #[test]
-    fn sixteen_bit_png_is_reduced_to_eight() {
+    fn sixteen_bit_png_gives_the_agents_eight_bits_and_keeps_sixteen() {
         let img16: ImageBuffer<Rgb<u16>, Vec<u16>> =
             ImageBuffer::from_fn(3, 2, |x, _| Rgb([x as u16 * 0x1000, 0xFFFF, 0x0101]));
         let decoded = decode(&png_of(DynamicImage::ImageRgb16(img16)), &LIMITS).expect("decode");
         assert_eq!(decoded.rgb.get_pixel(0, 0), &Rgb([0, 255, 1]));
         assert_eq!(decoded.rgb.get_pixel(2, 0)[0], 32);
+        assert_eq!(decoded.original.layout(), super::super::Layout::Rgb16);
+    }
+
+    /// A PNG chunk, whole: length, type, data, CRC.
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc32fast::hash(&out[4..]).to_be_bytes());
+        out
+    }
+
+    /// The chunk types of a PNG stream, in order.
+    fn chunk_types(png: &[u8]) -> Vec<String> {
+        let mut types = Vec::new();
+        let mut at = 8;
+        while at + 8 <= png.len() {
+            let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+            types.push(String::from_utf8_lossy(&png[at + 4..at + 8]).into_owned());
+            at += len + 12;
+        }
+        types
+    }
+
+    #[test]
+    fn png_metadata_is_carried_over_and_stale_chunks_are_dropped() {
+        let icc = b"not really a profile, but bytes to carry".to_vec();
+        let img = gradient(6, 4);
+        let mut png = Vec::new();
+        let mut encoder = PngEncoder::new(&mut png);
+        encoder.set_icc_profile(icc.clone()).unwrap();
+        encoder
+            .write_image(img.as_raw(), 6, 4, ExtendedColorType::Rgb8)
+            .unwrap();
+        let text = chunk(b"tEXt", b"parameters\0a cat, steps 30, cfg 7");
+        let time = chunk(b"tIME", &[7, 234, 1, 2, 3, 4, 5]);
+        let mut corrupt = chunk(b"tEXt", b"Comment\0flipped");
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        let tail = png.split_off(33);
+        for c in [&text, &time, &corrupt] {
+            png.extend_from_slice(c);
+        }
+        png.extend_from_slice(&tail);
+        assert_eq!(
+            chunk_types(&png),
+            ["IHDR", "tEXt", "tIME", "tEXt", "iCCP", "IDAT", "IEND"]
+        );
+
+        let decoded = decode(&png, &LIMITS).expect("decode");
+        assert_eq!(decoded.rgb, img);
+        let kept = &decoded.original.metadata().png_chunks;
+        assert_eq!(kept.len(), 2, "the intact tEXt and iCCP");
+        assert_eq!(kept[0], text);
+
+        let out = decoded.original.encode(&decoded.rgb);
+        assert_eq!(
+            chunk_types(&out),
+            ["IHDR", "tEXt", "iCCP", "IDAT", "IEND"],
+            "kept chunks right after IHDR, tIME and the corrupt chunk dropped"
+        );
+        let mut decoder = image::codecs::png::PngDecoder::new(Cursor::new(&out)).unwrap();
+        assert_eq!(decoder.icc_profile().unwrap(), Some(icc));
+        assert_eq!(DynamicImage::from_decoder(decoder).unwrap().to_rgb8(), img);
+    }
+
+    #[test]
+    fn jpeg_profile_and_exif_are_carried_over() {
+        let icc = b"an icc profile".to_vec();
+        // A minimal big-endian TIFF header with no entries.
+        let exif = b"MM\0*\0\0\0\x08\0\0".to_vec();
+        let img = gradient(16, 8);
+        let mut jpeg = Vec::new();
+        let mut encoder = image::codecs::jpeg::JpegEncoder::new(&mut jpeg);
+        encoder.set_icc_profile(icc.clone()).unwrap();
+        encoder.set_exif_metadata(exif.clone()).unwrap();
+        encoder
+            .write_image(img.as_raw(), 16, 8, ExtendedColorType::Rgb8)
+            .unwrap();
+        let decoded = decode(&jpeg, &LIMITS).expect("decode");
+        assert_eq!(decoded.original.metadata().icc_profile, Some(icc.clone()));
+        assert_eq!(decoded.original.metadata().exif, Some(exif.clone()));
+        let out = decoded.original.encode(&decoded.rgb);
+        let mut decoder = image::codecs::png::PngDecoder::new(Cursor::new(&out)).unwrap();
+        assert_eq!(decoder.icc_profile().unwrap(), Some(icc));
+        assert_eq!(decoder.exif_metadata().unwrap(), Some(exif));
     }
 
     #[test]
