@@ -220,11 +220,156 @@ pub enum TensorData {
     I64(Vec<i64>),
 }
 
+impl TensorData {
+    /// The element type, named as ONNX Runtime names it (`f32`, `i64`).
+    pub fn element(&self) -> &'static str {
+        match self {
+            TensorData::F32(_) => "f32",
+            TensorData::I64(_) => "i64",
+        }
+    }
+}
+
 /// An input the model declares: name and per-item shape (without the batch dimension).
 #[derive(Debug, Clone)]
 pub struct InputSpec {
     pub name: String,
     pub item_shape: Vec<i64>,
+}
+
+/// A tensor as a model file declares it: name, element type (`f32`, `i64`, …) and shape, `-1`
+/// for a dynamic dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    pub name: String,
+    pub element: String,
+    pub shape: Vec<i64>,
+}
+
+impl Declared {
+    fn of(name: &str, dtype: &ValueType) -> Declared {
+        let (element, shape) = match dtype {
+            ValueType::Tensor { ty, shape, .. } => {
+                (ty.to_string(), shape.iter().copied().collect())
+            }
+            other => (other.to_string(), Vec::new()),
+        };
+        Declared {
+            name: name.to_string(),
+            element,
+            shape,
+        }
+    }
+}
+
+/// What a model file declares next to what its agent feeds it and reads back, so the two can be
+/// compared before the first call ([`Signature::problems`]).
+#[derive(Debug, Clone)]
+pub struct Signature {
+    /// The model file, for messages.
+    pub model: String,
+    pub declared_inputs: Vec<Declared>,
+    pub fed: Vec<InputSpec>,
+    pub output: Declared,
+}
+
+impl Signature {
+    /// Every way the model's declared inputs and output disagree with what the agent feeds and
+    /// reads: `probe` is a request of the agent's (the element types it feeds), `output_len` the
+    /// values per item it reads. Empty when they agree.
+    pub fn problems(&self, probe: &[TensorData], output_len: usize) -> Vec<String> {
+        let mut problems = Vec::new();
+        let show = |shape: &[i64]| {
+            let dims: Vec<String> = shape
+                .iter()
+                .map(|&d| {
+                    if d < 0 {
+                        "?".to_string()
+                    } else {
+                        d.to_string()
+                    }
+                })
+                .collect();
+            format!("[{}]", dims.join(", "))
+        };
+        for (j, spec) in self.fed.iter().enumerate() {
+            let Some(declared) = self.declared_inputs.iter().find(|d| d.name == spec.name) else {
+                problems.push(format!("has no input {:?}", spec.name));
+                continue;
+            };
+            let mut fed_shape = vec![-1];
+            fed_shape.extend(&spec.item_shape);
+            let fed_shape = show(&fed_shape).replacen('?', "N", 1);
+            if declared.shape.len() != spec.item_shape.len() + 1 {
+                problems.push(format!(
+                    "input {:?} has rank {} {}, the agent feeds rank {} {fed_shape}",
+                    spec.name,
+                    declared.shape.len(),
+                    show(&declared.shape),
+                    spec.item_shape.len() + 1
+                ));
+            } else if declared.shape[1..]
+                .iter()
+                .zip(&spec.item_shape)
+                .any(|(&have, &want)| have >= 0 && have != want)
+            {
+                problems.push(format!(
+                    "input {:?} has shape {}, the agent feeds {fed_shape}",
+                    spec.name,
+                    show(&declared.shape)
+                ));
+            }
+            if let Some(item) = probe.get(j) {
+                if item.element() != declared.element {
+                    problems.push(format!(
+                        "input {:?} is {}, the agent feeds {}",
+                        spec.name,
+                        declared.element,
+                        item.element()
+                    ));
+                }
+            }
+        }
+        for declared in &self.declared_inputs {
+            if !self.fed.iter().any(|s| s.name == declared.name) {
+                let fed: Vec<&str> = self.fed.iter().map(|s| s.name.as_str()).collect();
+                problems.push(format!(
+                    "needs input {:?}, which the agent does not feed (it feeds {fed:?})",
+                    declared.name
+                ));
+            }
+        }
+        let output = &self.output;
+        if output.element != "f32" {
+            problems.push(format!(
+                "output {:?} is {}, the agent reads f32",
+                output.name, output.element
+            ));
+        }
+        match output.shape.split_first() {
+            None => problems.push(format!(
+                "output {:?} has no batch dimension ({})",
+                output.name,
+                show(&output.shape)
+            )),
+            Some((_, item)) if item.iter().all(|&d| d >= 0) => {
+                let values: i64 = item.iter().product();
+                if values != output_len as i64 {
+                    problems.push(format!(
+                        "output {:?} has shape {}: {values} values per item, the agent expects \
+                         {output_len}",
+                        output.name,
+                        show(&output.shape)
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+        problems
+            .into_iter()
+            .map(|p| format!("model {} {p}", self.model))
+            .collect()
+    }
 }
 
 /// A model session behind a batcher: stacks per-item tensors into one batch, runs the
@@ -233,30 +378,34 @@ pub struct OnnxModel {
     session: Session,
     inputs: Vec<InputSpec>,
     output: String,
+    /// The model file, for messages.
+    model: String,
     /// Whether the first input's batch dimension is dynamic.
     pub dynamic_batch: bool,
 }
 
 impl OnnxModel {
-    /// Wraps a session; checks that every expected input and the output exist.
+    /// Wraps a session; checks that every expected input and the output exist (naming every
+    /// one that does not).
     pub fn new(
         session: Session,
         inputs: Vec<InputSpec>,
         output: &str,
         model: &str,
     ) -> anyhow::Result<OnnxModel> {
+        let mut missing = Vec::new();
+        let have_inputs: Vec<_> = session.inputs().iter().map(|i| i.name()).collect();
         for spec in &inputs {
-            if !session.inputs().iter().any(|i| i.name() == spec.name) {
-                let have: Vec<_> = session.inputs().iter().map(|i| i.name()).collect();
-                bail!(
-                    "model {model} has no input {:?} (it has {have:?})",
-                    spec.name
-                );
+            if !have_inputs.contains(&spec.name.as_str()) {
+                missing.push(format!("no input {:?} (it has {have_inputs:?})", spec.name));
             }
         }
         if !session.outputs().iter().any(|o| o.name() == output) {
             let have: Vec<_> = session.outputs().iter().map(|o| o.name()).collect();
-            bail!("model {model} has no output {output:?} (it has {have:?})");
+            missing.push(format!("no output {output:?} (it has {have:?})"));
+        }
+        if !missing.is_empty() {
+            bail!("model {model} has {}", missing.join("; "));
         }
         let dynamic_batch = session
             .inputs()
@@ -271,8 +420,35 @@ impl OnnxModel {
             session,
             inputs,
             output: output.to_string(),
+            model: model.to_string(),
             dynamic_batch,
         })
+    }
+
+    /// What the model declares and what it is fed (see [`Signature::problems`]).
+    pub fn signature(&self) -> Signature {
+        let output = self
+            .session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == self.output)
+            .map(|o| Declared::of(o.name(), o.dtype()))
+            .unwrap_or_else(|| Declared {
+                name: self.output.clone(),
+                element: String::new(),
+                shape: Vec::new(),
+            });
+        Signature {
+            model: self.model.clone(),
+            declared_inputs: self
+                .session
+                .inputs()
+                .iter()
+                .map(|i| Declared::of(i.name(), i.dtype()))
+                .collect(),
+            fed: self.inputs.clone(),
+            output,
+        }
     }
 
     /// Runs one batch: `items[i][j]` is input `j` of item `i`.
@@ -357,6 +533,64 @@ impl batcher::BatchModel for OnnxModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn declared(name: &str, element: &str, shape: &[i64]) -> Declared {
+        Declared {
+            name: name.into(),
+            element: element.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_signature_names_every_way_a_model_breaks_its_contract() {
+        let fed = |name: &str, item_shape: &[i64]| InputSpec {
+            name: name.into(),
+            item_shape: item_shape.to_vec(),
+        };
+        let signature = Signature {
+            model: "m.onnx".into(),
+            declared_inputs: vec![
+                declared("pixel_values", "f32", &[-1, 3, 224, 224]),
+                declared("input_ids", "i32", &[-1, -1]),
+                declared("attention_mask", "i64", &[-1]),
+                declared("position_ids", "i64", &[-1, -1]),
+            ],
+            fed: vec![
+                fed("pixel_values", &[3, 256, 256]),
+                fed("input_ids", &[32]),
+                fed("attention_mask", &[32]),
+            ],
+            output: declared("saliency", "f16", &[-1, 1, 256, 256]),
+        };
+        let probe = [
+            TensorData::F32(vec![0.0; 3 * 256 * 256]),
+            TensorData::I64(vec![0; 32]),
+            TensorData::I64(vec![0; 32]),
+        ];
+        let problems = signature.problems(&probe, 256 * 256 + 1);
+        let want = [
+            "model m.onnx input \"pixel_values\" has shape [?, 3, 224, 224], the agent feeds [N, 3, 256, 256]",
+            "model m.onnx input \"input_ids\" is i32, the agent feeds i64",
+            "model m.onnx input \"attention_mask\" has rank 1 [?], the agent feeds rank 2 [N, 32]",
+            "model m.onnx needs input \"position_ids\", which the agent does not feed (it feeds [\"pixel_values\", \"input_ids\", \"attention_mask\"])",
+            "model m.onnx output \"saliency\" is f16, the agent reads f32",
+            "model m.onnx output \"saliency\" has shape [?, 1, 256, 256]: 65536 values per item, the agent expects 65537",
+        ];
+        assert_eq!(problems, want);
+
+        // What the agents feed and read, declared so: no problem (dynamic dimensions match any).
+        let good = Signature {
+            declared_inputs: vec![
+                declared("pixel_values", "f32", &[-1, 3, 256, 256]),
+                declared("input_ids", "i64", &[-1, -1]),
+                declared("attention_mask", "i64", &[-1, -1]),
+            ],
+            output: declared("saliency", "f32", &[-1, 1, -1, -1]),
+            ..signature
+        };
+        assert_eq!(good.problems(&probe, 7), Vec::<String>::new());
+    }
 
     #[test]
     fn devices_parse() {
