@@ -6,8 +6,8 @@
 //! [`check`] finds everything wrong with a bundle before it is deployed; [`lock`] writes its
 //! checksums.
 
-pub mod check;
-pub mod lock;
+pub(crate) mod check;
+pub(crate) mod lock;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //! needs no lock; agents only ever see [`OnnxModel`] through a [`batcher::Batcher`].
 
 pub mod batcher;
-pub mod failure;
+pub(crate) mod failure;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -493,7 +493,10 @@ mod tests {
         let decoded = decode(&png_of(DynamicImage::ImageRgba8(rgba)), &LIMITS).expect("decode");
         assert_eq!(decoded.rgb.dimensions(), (4, 3));
         assert_eq!(decoded.rgb.get_pixel(2, 1), &Rgb([20, 20, 30]));
-        assert_eq!(decoded.original.layout(), super::super::Layout::Rgba8);
+        assert_eq!(
+            decoded.original.layout(),
+            super::super::original::Layout::Rgba8
+        );
     }
 
     #[test]
@@ -503,7 +506,10 @@ mod tests {
         let decoded = decode(&png_of(DynamicImage::ImageRgb16(img16)), &LIMITS).expect("decode");
         assert_eq!(decoded.rgb.get_pixel(0, 0), &Rgb([0, 255, 1]));
         assert_eq!(decoded.rgb.get_pixel(2, 0)[0], 32);
-        assert_eq!(decoded.original.layout(), super::super::Layout::Rgb16);
+        assert_eq!(
+            decoded.original.layout(),
+            super::super::original::Layout::Rgb16
+        );
     }
 
     /// A PNG chunk, whole: length, type, data, CRC.

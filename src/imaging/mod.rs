@@ -11,11 +11,7 @@ mod original;
 pub mod resample;
 mod tensor;
 
-pub use codec::{
-    decode, encode_gray_png, encode_mask_png, encode_png, DecodedImage, ImageLimits, Metadata,
-    KEPT_PNG_CHUNKS, MAX_METADATA_BYTES,
-};
+pub use codec::{decode, encode_gray_png, encode_mask_png, encode_png, DecodedImage, ImageLimits};
 pub use map::Map;
 pub use mask::{composite, dilate, feather, grow_rect, inside_bbox, MASK_INSIDE};
-pub use original::{Layout, Original};
 pub use tensor::to_chw;

@@ -18,23 +18,13 @@ use image::{DynamicImage, ExtendedColorType, RgbImage};
 use super::codec::{encode_with_metadata, Metadata};
 
 /// The sample layout of the retouched PNG, which is the input's as far as the result keeps it.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
+pub(crate) enum Layout {
     Rgb8,
     Rgba8,
     Rgb16,
     Rgba16,
-}
-
-impl Layout {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Layout::Rgb8 => "rgb8",
-            Layout::Rgba8 => "rgba8",
-            Layout::Rgb16 => "rgb16",
-            Layout::Rgba16 => "rgba16",
-        }
-    }
 }
 
 /// The parts of a decoded input the agents do not see.
@@ -105,7 +95,8 @@ impl Original {
     }
 
     /// The layout of the retouched PNG.
-    pub fn layout(&self) -> Layout {
+    #[cfg(test)]
+    pub(crate) fn layout(&self) -> Layout {
         match (&self.deep, &self.alpha8) {
             (Some(deep), _) if deep.channels == 4 => Layout::Rgba16,
             (Some(_), _) => Layout::Rgb16,
@@ -115,7 +106,8 @@ impl Original {
     }
 
     /// The metadata carried over to the result.
-    pub fn metadata(&self) -> &Metadata {
+    #[cfg(test)]
+    pub(crate) fn metadata(&self) -> &Metadata {
         &self.metadata
     }
 
