@@ -73,9 +73,41 @@ pub struct RetrySettings {
     pub max_attempts: u32,
     /// Delay before each retry in milliseconds, at most the delay queue's TTL; empty = the
     /// topology's ladder. The last entry repeats.
+    #[serde(deserialize_with = "one_or_many")]
     pub delays_ms: Vec<u64>,
     /// Fraction of each delay that is randomised away (0 = none, 0.5 = between half and all).
     pub jitter: f64,
+}
+
+/// A list, or a single value standing for a list of one: the environment layer reads
+/// `RETOUCHER__RETRY__DELAYS_MS=500` as the number 500 before it would split it into a list.
+/// Items may come as text (`--set retry.delays_ms=100,250` gives `["100", "250"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Number(u64),
+        Text(String),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Item),
+        Many(Vec<Item>),
+    }
+    let items = match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(item) => vec![item],
+        OneOrMany::Many(items) => items,
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Item::Number(v) => Ok(v),
+            Item::Text(t) => t.trim().parse().map_err(|_| {
+                serde::de::Error::custom(format!("{t:?} is not a number of milliseconds"))
+            }),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -284,6 +316,18 @@ mod tests {
         assert_eq!(s.retry.max_attempts, 3);
         let err = Settings::load(None, &[("retry.delays_ms".into(), "2000".into())]).unwrap_err();
         assert!(format!("{err:#}").contains("TTL"), "{err:#}");
+    }
+
+    #[test]
+    fn a_single_retry_delay_is_a_list_of_one() {
+        // What the environment layer hands over for RETOUCHER__RETRY__DELAYS_MS=100.
+        let one: RetrySettings =
+            serde_json::from_str(r#"{"max_attempts": 2, "delays_ms": 100, "jitter": 0}"#).unwrap();
+        assert_eq!(one.delays_ms, vec![100]);
+        let many: RetrySettings =
+            serde_json::from_str(r#"{"max_attempts": 2, "delays_ms": [1, 2], "jitter": 0}"#)
+                .unwrap();
+        assert_eq!(many.delays_ms, vec![1, 2]);
     }
 
     #[test]

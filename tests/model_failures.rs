@@ -147,7 +147,7 @@ async fn a_failing_model_makes_the_worker_not_ready_until_a_call_succeeds() {
         ("RETOUCHER__BATCHING__PERCEPTION__RETRY_BACKOFF_MS", "1"),
         ("RETOUCHER__BATCHING__PERCEPTION__UNHEALTHY_AFTER", "3"),
         ("RETOUCHER__RETRY__MAX_ATTEMPTS", "2"),
-        ("RETOUCHER__RETRY__DELAYS_MS", "100,100"),
+        ("RETOUCHER__RETRY__DELAYS_MS", "100"),
         ("RETOUCHER__RETRY__JITTER", "0"),
     ]);
     let job = |id: &str| {
