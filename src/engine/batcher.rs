@@ -14,7 +14,10 @@
 //! [`super::failure`]) is retried after a growing pause, and fails as
 //! [`BatchError::Unavailable`] if it still cannot run. A model whose calls keep failing
 //! transiently is marked unhealthy ([`ModelHealth`], the worker's readiness); while it is, a
-//! failed batch is neither split nor retried (each call is a probe) until a call succeeds again.
+//! batch that fails transiently is neither split nor retried (each call is a probe) until a call
+//! succeeds again.
+//! The pause before a retry holds the model thread: when the device is out of memory or busy,
+//! the next batch would most likely fail too, and the queue holds its callers back meanwhile.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -546,9 +549,10 @@ impl<M: BatchModel> Runner<M> {
             }
             Err(failure) => failure,
         };
-        // While the model is unhealthy every call is a probe: nothing is split or retried.
+        // While the model is unhealthy a transient failure is not split or retried (every call
+        // is a probe); a permanent one still is, or a poison request would fail its batch-mates.
         let healthy = self.health.is_healthy();
-        if inputs.len() > 1 && healthy {
+        if inputs.len() > 1 && (healthy || !failure.transient) {
             self.report(Recovery::Split);
             let mid = inputs.len() / 2;
             let second = replies.split_off(mid);
@@ -968,7 +972,14 @@ mod tests {
         assert_eq!((x, y), (unavailable(), unavailable()));
         assert_eq!(f.calls(), vec![vec![3, 4]]);
         assert!(!health.is_healthy());
-        // The first call that succeeds makes it healthy again.
+        // A poison request in a batch fails alone even now: its failure is not the model's.
+        // (The calls that run succeed, so the model is healthy again.)
+        let (x, y) = tokio::join!(b.submit(-1), b.submit(6));
+        assert!(matches!(x, Err(BatchError::Model { .. })), "{x:?}");
+        assert_eq!(y, Ok(12));
+        assert!(health.is_healthy());
+        assert_eq!(f.calls(), vec![vec![-1, 6], vec![-1], vec![6]]);
+        // And stays healthy.
         let (x, y) = tokio::join!(b.submit(5), b.submit(6));
         assert_eq!((x, y), (Ok(10), Ok(12)));
         assert!(health.is_healthy());
@@ -983,6 +994,8 @@ mod tests {
                 failed,
                 failed,
                 failed,
+                Recovery::Split,
+                Recovery::Failed { transient: false },
                 Recovery::Health { healthy: true },
             ]
         );
