@@ -270,6 +270,11 @@ pub struct Signature {
     pub model: String,
     pub declared_inputs: Vec<Declared>,
     pub fed: Vec<InputSpec>,
+    /// By fed input: given once per call with exactly its item shape, not stacked along the
+    /// batch (so declared without a batch dimension).
+    pub shared: Vec<bool>,
+    /// Batch rows each item carries (its output is this many rows too).
+    pub rows_per_item: usize,
     pub output: Declared,
 }
 
@@ -297,18 +302,26 @@ impl Signature {
                 problems.push(format!("has no input {:?}", spec.name));
                 continue;
             };
-            let mut fed_shape = vec![-1];
-            fed_shape.extend(&spec.item_shape);
-            let fed_shape = show(&fed_shape).replacen('?', "N", 1);
-            if declared.shape.len() != spec.item_shape.len() + 1 {
+            let shared = self.shared.get(j).copied().unwrap_or(false);
+            let (fed_shape, per_item) = if shared {
+                (show(&spec.item_shape), &declared.shape[..])
+            } else {
+                let mut batched = vec![-1];
+                batched.extend(&spec.item_shape);
+                (
+                    show(&batched).replacen('?', "N", 1),
+                    declared.shape.get(1..).unwrap_or_default(),
+                )
+            };
+            let rank = spec.item_shape.len() + usize::from(!shared);
+            if declared.shape.len() != rank {
                 problems.push(format!(
-                    "input {:?} has rank {} {}, the agent feeds rank {} {fed_shape}",
+                    "input {:?} has rank {} {}, the agent feeds rank {rank} {fed_shape}",
                     spec.name,
                     declared.shape.len(),
                     show(&declared.shape),
-                    spec.item_shape.len() + 1
                 ));
-            } else if declared.shape[1..]
+            } else if per_item
                 .iter()
                 .zip(&spec.item_shape)
                 .any(|(&have, &want)| have >= 0 && have != want)
@@ -352,8 +365,8 @@ impl Signature {
                 output.name,
                 show(&output.shape)
             )),
-            Some((_, item)) if item.iter().all(|&d| d >= 0) => {
-                let values: i64 = item.iter().product();
+            Some((_, row)) if row.iter().all(|&d| d >= 0) => {
+                let values = row.iter().product::<i64>() * self.rows_per_item as i64;
                 if values != output_len as i64 {
                     problems.push(format!(
                         "output {:?} has shape {}: {values} values per item, the agent expects \
@@ -447,6 +460,8 @@ impl OnnxModel {
                 .map(|i| Declared::of(i.name(), i.dtype()))
                 .collect(),
             fed: self.inputs.clone(),
+            shared: vec![false; self.inputs.len()],
+            rows_per_item: 1,
             output,
         }
     }
@@ -561,6 +576,8 @@ mod tests {
                 fed("input_ids", &[32]),
                 fed("attention_mask", &[32]),
             ],
+            shared: vec![false; 3],
+            rows_per_item: 1,
             output: declared("saliency", "f16", &[-1, 1, 256, 256]),
         };
         let probe = [
@@ -590,6 +607,41 @@ mod tests {
             ..signature
         };
         assert_eq!(good.problems(&probe, 7), Vec::<String>::new());
+
+        // An input given once per call is declared without a batch dimension; items of two rows
+        // read two rows of output each.
+        let paired = Signature {
+            model: "unet.onnx".into(),
+            declared_inputs: vec![
+                declared("sample", "f32", &[-1, 9, 8, 8]),
+                declared("timestep", "i64", &[]),
+            ],
+            fed: vec![fed("sample", &[9, 8, 8]), fed("timestep", &[])],
+            shared: vec![false, true],
+            rows_per_item: 2,
+            output: declared("out_sample", "f32", &[-1, 4, 8, 8]),
+        };
+        let probe = [
+            TensorData::F32(vec![0.0; 2 * 9 * 64]),
+            TensorData::I64(vec![0]),
+        ];
+        assert_eq!(paired.problems(&probe, 2 * 4 * 64), Vec::<String>::new());
+        assert_eq!(
+            paired.problems(&probe, 4 * 64),
+            ["model unet.onnx output \"out_sample\" has shape [?, 4, 8, 8]: 512 values per item, \
+              the agent expects 256"]
+        );
+        let batched_timestep = Signature {
+            declared_inputs: vec![
+                declared("sample", "f32", &[-1, 9, 8, 8]),
+                declared("timestep", "i64", &[-1]),
+            ],
+            ..paired
+        };
+        assert_eq!(
+            batched_timestep.problems(&probe, 2 * 4 * 64),
+            ["model unet.onnx input \"timestep\" has rank 1 [?], the agent feeds rank 0 []"]
+        );
     }
 
     #[test]
