@@ -110,26 +110,21 @@ fn every_committed_bundle_passes_check_or_waits_for_its_code() {
         match expect {
             Expect::Passes => {
                 assert!(ok && found.is_empty(), "{dir}: {found:#?}");
-                let parts: Vec<&str> = report["parts"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| p["part"].as_str().unwrap())
-                    .collect();
-                assert_eq!(
-                    parts,
-                    [
-                        "perception",
-                        "reasoning",
-                        "tool onnx-inpaint",
-                        "tool patchmatch"
-                    ]
+                let parts = report["parts"].as_array().unwrap();
+                let names: Vec<&str> = parts.iter().map(|p| p["part"].as_str().unwrap()).collect();
+                assert_eq!(names[..2], ["perception", "reasoning"], "{dir}");
+                assert!(
+                    names[2..].iter().all(|n| n.starts_with("tool ")),
+                    "{dir}: {names:?}"
                 );
-                for part in report["parts"].as_array().unwrap() {
+                for part in parts {
+                    assert_eq!(part["loaded"], true, "{dir}: {part}");
                     for model in part["models"].as_array().unwrap() {
-                        assert!(model["warm_up_ms"].as_f64().is_some(), "{model}");
+                        assert!(model["warm_up_ms"].as_f64().is_some(), "{dir}: {model}");
                     }
                 }
+                // Perception is a model, checked and warmed up.
+                assert_eq!(parts[0]["models"].as_array().unwrap().len(), 1, "{dir}");
             }
             Expect::Pending(allowed) => {
                 assert!(
