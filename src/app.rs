@@ -11,7 +11,6 @@ use crate::agents::Agents;
 use crate::bundle::Bundle;
 use crate::config::Settings;
 use crate::engine::batcher::BatchObserver;
-use crate::engine::EngineOptions;
 use crate::execute::Executor;
 use crate::metrics::{metrics, BatchMetrics};
 use crate::storage::{S3Settings, Storage};
@@ -33,7 +32,7 @@ pub async fn agents(
 ) -> anyhow::Result<Arc<Agents>> {
     let load = async {
         let bundle = Bundle::load(&settings.models.bundle)?;
-        let engine = EngineOptions::from_settings(&settings.models)?;
+        let engine = settings.models.engine_options()?;
         let agents = Agents::load(bundle, &engine, &settings.batching, observer)?;
         agents.warm_up().await?;
         Ok::<_, anyhow::Error>(Arc::new(agents))

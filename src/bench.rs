@@ -320,6 +320,9 @@ impl BatchObserver for Recorder {
             DecoderEvent::Load { .. } => {}
         }
     }
+    fn recovery(&self, model: &str, event: crate::engine::batcher::Recovery) {
+        BatchMetrics.recovery(model, event);
+    }
 }
 
 impl Recorder {

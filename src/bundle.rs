@@ -3,6 +3,11 @@
 //!
 //! Nothing about the models lives in code: the paper publishes neither weights nor τ nor the
 //! exact taxonomy, so everything a model team may change is read from here and verified at load.
+//! [`check`] finds everything wrong with a bundle before it is deployed; [`lock`] writes its
+//! checksums.
+
+pub(crate) mod check;
+pub(crate) mod lock;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,11 +19,36 @@ use sha2::{Digest, Sha256};
 use crate::agents::action::ToolName;
 use crate::agents::reasoning::vlm::spec::VlmSpec;
 
+/// The manifest's file name in a bundle folder.
+pub const MANIFEST: &str = "bundle.toml";
+
 /// A parsed, verified bundle.
 #[derive(Debug, Clone)]
 pub struct Bundle {
     pub root: PathBuf,
     pub manifest: Manifest,
+}
+
+/// Something wrong with a bundle: the part it is in (`manifest`, `files`, an agent, a tool) and
+/// a one-line reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BundleProblem {
+    pub part: String,
+    pub message: String,
+}
+
+/// Whether a `[files]` name stays inside the bundle folder (relative, no `..`).
+pub fn is_inside(name: &str) -> bool {
+    let path = Path::new(name);
+    !name.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Lower-case hex sha256 of some bytes, as `[files]` records it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,8 +156,29 @@ pub struct ActionSpec {
 
 impl Bundle {
     /// Reads `bundle.toml` from `root`, checks it is coherent, and verifies every file's sha256.
+    /// The error names every problem found, not only the first.
     pub fn load(root: &Path) -> anyhow::Result<Bundle> {
-        let manifest_path = root.join("bundle.toml");
+        let (bundle, problems) = Bundle::open(root)?;
+        match problems.as_slice() {
+            [] => Ok(bundle),
+            [one] => bail!("{}", one.message),
+            many => bail!(
+                "the model bundle {} has {} problems: {}",
+                root.display(),
+                many.len(),
+                many.iter()
+                    .map(|p| p.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
+    }
+
+    /// Reads and parses `bundle.toml` (an error when it cannot be read or is not a manifest) and
+    /// returns the bundle with every problem of coherence and of checksums it has, so that
+    /// `bundle check` can go on and report them all.
+    pub fn open(root: &Path) -> anyhow::Result<(Bundle, Vec<BundleProblem>)> {
+        let manifest_path = root.join(MANIFEST);
         let text = std::fs::read_to_string(&manifest_path).with_context(|| {
             format!(
                 "cannot read the model bundle manifest {} (models.bundle = {})",
@@ -142,57 +193,111 @@ impl Bundle {
             root: root.to_path_buf(),
             manifest,
         };
-        bundle.check()?;
-        bundle.verify_files()?;
-        Ok(bundle)
+        let mut problems = bundle.coherence_problems();
+        problems.extend(bundle.checksum_problems());
+        Ok((bundle, problems))
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    fn coherence_problems(&self) -> Vec<BundleProblem> {
         let m = &self.manifest;
+        let mut problems = Vec::new();
+        let mut problem = |message: String| {
+            problems.push(BundleProblem {
+                part: "manifest".into(),
+                message,
+            })
+        };
         if m.schema != 1 {
-            bail!(
+            problem(format!(
                 "bundle schema {} is not supported (this build reads schema 1)",
                 m.schema
-            );
+            ));
         }
-        if m.taxonomy.categories.is_empty() {
-            bail!("bundle taxonomy has no categories");
+        let categories = &m.taxonomy.categories;
+        if categories.is_empty() {
+            problem("bundle taxonomy has no categories".into());
+        }
+        for (i, category) in categories.iter().enumerate() {
+            if categories[..i].contains(category) {
+                problem(format!(
+                    "taxonomy category {category:?} is listed twice (the classifier's logits \
+                     follow the list, so each category needs its own place)"
+                ));
+            }
+        }
+        for key in m.taxonomy.descriptions.keys() {
+            if key != "default" && !categories.contains(key) {
+                problem(format!(
+                    "[taxonomy.descriptions] has a template for {key:?}, which is not in the \
+                     taxonomy"
+                ));
+            }
         }
         for name in m.action.tools.keys() {
-            ToolName::parse(name).map_err(|e| anyhow::anyhow!("[action.tools.{name}]: {e}"))?;
+            if let Err(e) = ToolName::parse(name) {
+                problem(format!("[action.tools.{name}]: {e}"));
+            }
         }
         if m.reasoning.mode == ReasoningMode::Vlm {
-            let Some(vlm) = &m.reasoning.vlm else {
-                bail!("reasoning.mode = \"vlm\" needs a [reasoning.vlm] table (models/README.md)");
-            };
-            vlm.check(m.reasoning.classifier.is_some())?;
+            match &m.reasoning.vlm {
+                None => problem(
+                    "reasoning.mode = \"vlm\" needs a [reasoning.vlm] table (models/README.md)"
+                        .into(),
+                ),
+                Some(vlm) => {
+                    if let Err(e) = vlm.check(m.reasoning.classifier.is_some()) {
+                        problem(format!("{e:#}"));
+                    }
+                }
+            }
         }
         for category in m.action.routing.keys() {
-            if !m.taxonomy.categories.contains(category) {
-                bail!("action routing names category {category:?}, which is not in the taxonomy");
+            if !categories.contains(category) {
+                problem(format!(
+                    "action routing names category {category:?}, which is not in the taxonomy"
+                ));
             }
         }
-        Ok(())
+        problems
     }
 
-    fn verify_files(&self) -> anyhow::Result<()> {
+    fn checksum_problems(&self) -> Vec<BundleProblem> {
+        let mut problems = Vec::new();
         for (name, expected) in &self.manifest.files {
-            if name.contains("..") || Path::new(name).is_absolute() {
-                bail!("bundle file name {name:?} must be relative and inside the bundle");
+            let mut problem = |message: String| {
+                problems.push(BundleProblem {
+                    part: "files".into(),
+                    message,
+                })
+            };
+            if !is_inside(name) {
+                problem(format!(
+                    "bundle file name {name:?} must be relative and inside the bundle"
+                ));
+                continue;
             }
             let path = self.root.join(name);
-            let bytes = std::fs::read(&path)
-                .with_context(|| format!("bundle file {} cannot be read", path.display()))?;
-            let actual = hex::encode(Sha256::digest(&bytes));
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    problem(format!(
+                        "bundle file {} cannot be read: {e}",
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            let actual = sha256_hex(&bytes);
             if !actual.eq_ignore_ascii_case(expected) {
-                bail!(
+                problem(format!(
                     "bundle file {} has sha256 {actual}, but bundle.toml says {expected}: \
-                     the file was changed or the manifest is stale",
+                     the file was changed or the manifest is stale (`retoucher bundle lock` \
+                     rewrites the checksums)",
                     path.display()
-                );
+                ));
             }
         }
-        Ok(())
+        problems
     }
 
     /// The path of a file the manifest refers to. It must have a checksum in `[files]`, so

@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::{Device, EngineOptions};
+
 const BUILT_IN: &str = include_str!("../config/default.toml");
 
 /// Keys whose values are lists: comma-separated in environment variables and `--set`.
@@ -89,9 +91,41 @@ pub struct RetrySettings {
     pub max_attempts: u32,
     /// Delay before each retry in milliseconds, at most the delay queue's TTL; empty = the
     /// topology's ladder. The last entry repeats.
+    #[serde(deserialize_with = "one_or_many")]
     pub delays_ms: Vec<u64>,
     /// Fraction of each delay that is randomised away (0 = none, 0.5 = between half and all).
     pub jitter: f64,
+}
+
+/// A list, or a single value standing for a list of one: the environment layer reads
+/// `RETOUCHER__RETRY__DELAYS_MS=500` as the number 500 before it would split it into a list.
+/// Items may come as text (`--set retry.delays_ms=100,250` gives `["100", "250"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Number(u64),
+        Text(String),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Item),
+        Many(Vec<Item>),
+    }
+    let items = match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(item) => vec![item],
+        OneOrMany::Many(items) => items,
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Item::Number(v) => Ok(v),
+            Item::Text(t) => t.trim().parse().map_err(|_| {
+                serde::de::Error::custom(format!("{t:?} is not a number of milliseconds"))
+            }),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +135,19 @@ pub struct ModelSettings {
     pub fallback_to_cpu: bool,
     pub intra_threads: usize,
     pub ort_library: String,
+}
+
+impl ModelSettings {
+    /// How model sessions are created, as these settings ask. (The settings know the engine's
+    /// types, not the other way round: the engine is usable without a configuration.)
+    pub fn engine_options(&self) -> anyhow::Result<EngineOptions> {
+        Ok(EngineOptions {
+            device: Device::parse(&self.device)?,
+            fallback_to_cpu: self.fallback_to_cpu,
+            intra_threads: self.intra_threads,
+            ort_library: self.ort_library.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,7 +181,8 @@ pub struct Limits {
     pub max_image_pixels: u64,
 }
 
-/// Per-model batching keys; unset keys fall back to the bundle, then to built-in values.
+/// Per-model batching keys; unset keys fall back to the bundle, then to built-in values
+/// (see [`crate::engine::batcher::BatchSettings`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BatchingOverride {
     pub max_batch_size: Option<usize>,
@@ -142,6 +190,12 @@ pub struct BatchingOverride {
     pub max_queue: Option<usize>,
     /// KV cache budget in bytes of a continuously batched decoder (`batching.decoder`).
     pub max_kv_bytes: Option<u64>,
+    /// Retries of a request that failed alone for a transient reason.
+    pub retries: Option<u32>,
+    /// Pause before the first such retry, doubling for each further one.
+    pub retry_backoff_ms: Option<u64>,
+    /// Transient failures in a row after which the model is unhealthy (worker not ready).
+    pub unhealthy_after: Option<u32>,
 }
 
 impl Settings {
@@ -209,7 +263,7 @@ impl Settings {
             self.s3.max_attempts > 0,
             "s3.max_attempts must be at least 1"
         );
-        crate::engine::Device::parse(&self.models.device)?;
+        self.models.engine_options()?;
         self.broker.tls.check_against(&self.broker.url)?;
         // The retry settings must fit the delay queues that the topology declares.
         let migrations = self.broker.migrations().context("broker.migrations")?;
@@ -316,6 +370,18 @@ mod tests {
         let err =
             Settings::load(None, &[("broker.tls.ca_file".into(), "ca.pem".into())]).unwrap_err();
         assert!(format!("{err:#}").contains("amqps://"), "{err:#}");
+    }
+
+    #[test]
+    fn a_single_retry_delay_is_a_list_of_one() {
+        // What the environment layer hands over for RETOUCHER__RETRY__DELAYS_MS=100.
+        let one: RetrySettings =
+            serde_json::from_str(r#"{"max_attempts": 2, "delays_ms": 100, "jitter": 0}"#).unwrap();
+        assert_eq!(one.delays_ms, vec![100]);
+        let many: RetrySettings =
+            serde_json::from_str(r#"{"max_attempts": 2, "delays_ms": [1, 2], "jitter": 0}"#)
+                .unwrap();
+        assert_eq!(many.delays_ms, vec![1, 2]);
     }
 
     #[test]

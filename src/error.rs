@@ -25,8 +25,12 @@ pub enum ErrorClass {
     BrokerUnavailable,
     /// A deadline was exceeded.
     Timeout,
-    /// A model failed to run (bad bundle, runtime error).
+    /// A model cannot run this input (it fails alone, whatever its batch), or the bundle is
+    /// broken.
     ModelError,
+    /// A model could not run for a reason that is not the input's (out of device memory, device
+    /// busy or lost, the worker shutting down), retries in the worker included.
+    ModelUnavailable,
     /// A bug: a panic or an invariant broken inside the worker.
     Internal,
 }
@@ -44,6 +48,7 @@ impl ErrorClass {
             ErrorClass::BrokerUnavailable => "broker_unavailable",
             ErrorClass::Timeout => "timeout",
             ErrorClass::ModelError => "model_error",
+            ErrorClass::ModelUnavailable => "model_unavailable",
             ErrorClass::Internal => "internal",
         }
     }
@@ -52,7 +57,10 @@ impl ErrorClass {
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            ErrorClass::StorageUnavailable | ErrorClass::BrokerUnavailable | ErrorClass::Timeout
+            ErrorClass::StorageUnavailable
+                | ErrorClass::BrokerUnavailable
+                | ErrorClass::Timeout
+                | ErrorClass::ModelUnavailable
         )
     }
 }

@@ -18,7 +18,7 @@ use crate::diagnostics::{
 };
 use crate::error::{ErrorClass, JobError};
 use crate::faults::{self, FaultPoint};
-use crate::imaging::{self, ImageLimits};
+use crate::imaging::{self, DecodedImage, ImageLimits};
 use crate::job::JobOptions;
 use crate::metrics::metrics;
 use crate::pipeline::{self, LoopSettings};
@@ -140,14 +140,16 @@ impl Executor {
         stage("decode", timings.decode);
         faults::hit(FaultPoint::AfterDecode, &job.job_id).await;
         let (width, height) = decoded.rgb.dimensions();
+        let DecodedImage {
+            rgb,
+            format,
+            original,
+        } = decoded;
 
         let settings = self.loop_settings(&job.options);
-        let result = pipeline::retouch(
-            &self.agents,
-            decoded.rgb,
+        let result = faults::in_job(
             &job.job_id,
-            &job.prompt,
-            settings,
+            pipeline::retouch(&self.agents, rgb, &job.job_id, &job.prompt, settings),
         )
         .await?;
         timings.perception = result.timings_ms.perception;
@@ -169,9 +171,10 @@ impl Executor {
             let result = result.clone();
             tokio::task::spawn_blocking(move || {
                 let mut files: Vec<(String, Bytes)> = Vec::new();
+                // The input's alpha, bit depth and metadata come back (see imaging::Original).
                 files.push((
                     layout::RETOUCHED.to_string(),
-                    Bytes::from(imaging::encode_png(&result.image)),
+                    Bytes::from(original.encode(&result.image)),
                 ));
                 for it in &result.iterations {
                     files.push((
@@ -230,7 +233,7 @@ impl Executor {
                 uri: job.image.to_string(),
                 width,
                 height,
-                format: decoded.format.to_string(),
+                format: format.to_string(),
                 sha256,
             },
             output: OutputInfo {

@@ -15,7 +15,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::engine::batcher::{BatchObserver, BatchRecord, DecoderEvent};
+use crate::engine::batcher::{BatchObserver, BatchRecord, DecoderEvent, ModelHealth, Recovery};
 
 /// Every metric the worker exports.
 pub struct Metrics {
@@ -29,6 +29,9 @@ pub struct Metrics {
     pub batch_queue_depth: IntGaugeVec,
     pub batches_total: IntCounterVec,
     pub batch_skipped_total: IntCounterVec,
+    pub model_retries_total: IntCounterVec,
+    pub model_failures_total: IntCounterVec,
+    pub model_healthy: IntGaugeVec,
     pub inflight_jobs: IntGauge,
     pub iterations: Histogram,
     pub regions_total: IntCounterVec,
@@ -140,6 +143,33 @@ impl Metrics {
                 "Requests dropped from a batch because their job had been abandoned.",
                 &["model"],
             ),
+            model_retries_total: counter(
+                "retoucher_model_retries_total",
+                "Model calls made again after a failure: a failed batch run as two halves \
+                 (kind=split), a request that failed alone transiently run again after a pause \
+                 (kind=backoff).",
+                &["model", "kind"],
+            ),
+            model_failures_total: counter(
+                "retoucher_model_failures_total",
+                "Requests a model failed after splitting and retries: the input fails alone \
+                 (class=permanent, job model_error) or the model could not run it \
+                 (class=transient, job model_unavailable).",
+                &["model", "class"],
+            ),
+            model_healthy: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "retoucher_model_healthy",
+                        "0 while a model's calls keep failing transiently (the worker is not \
+                         ready), 1 otherwise.",
+                    ),
+                    &["model"],
+                )
+                .expect("metric");
+                registry.register(Box::new(g.clone())).expect("register");
+                g
+            },
             inflight_jobs: gauge("retoucher_inflight_jobs", "Jobs being processed now."),
             iterations: histogram(
                 "retoucher_iterations",
@@ -301,6 +331,25 @@ impl BatchObserver for BatchMetrics {
             DecoderEvent::Finished { .. } => {}
         }
     }
+
+    fn recovery(&self, model: &str, event: Recovery) {
+        let m = metrics();
+        match event {
+            Recovery::Split => m.model_retries_total.with_label_values(&[model, "split"]),
+            Recovery::Retry => m.model_retries_total.with_label_values(&[model, "backoff"]),
+            Recovery::Failed { transient } => {
+                let class = if transient { "transient" } else { "permanent" };
+                m.model_failures_total.with_label_values(&[model, class])
+            }
+            Recovery::Health { healthy } => {
+                m.model_healthy
+                    .with_label_values(&[model])
+                    .set(i64::from(healthy));
+                return;
+            }
+        }
+        .inc();
+    }
 }
 
 /// What `/readyz` reports: every part must be up.
@@ -308,8 +357,11 @@ impl BatchObserver for BatchMetrics {
 pub struct Readiness {
     pub broker: AtomicBool,
     pub storage: AtomicBool,
+    /// The models are loaded and warmed up.
     pub models: AtomicBool,
     pub draining: AtomicBool,
+    /// The health of every batched model (see [`Readiness::watch_models`]).
+    model_health: std::sync::RwLock<Vec<Arc<ModelHealth>>>,
 }
 
 impl Readiness {
@@ -317,7 +369,32 @@ impl Readiness {
         self.broker.load(Ordering::Relaxed)
             && self.storage.load(Ordering::Relaxed)
             && self.models.load(Ordering::Relaxed)
+            && self.failing_models().is_empty()
             && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Makes readiness follow these models' health: a model whose calls keep failing makes
+    /// the worker not ready until it recovers.
+    pub fn watch_models(&self, models: impl IntoIterator<Item = Arc<ModelHealth>>) {
+        let models: Vec<_> = models.into_iter().collect();
+        for model in &models {
+            metrics()
+                .model_healthy
+                .with_label_values(&[model.model()])
+                .set(i64::from(model.is_healthy()));
+        }
+        *self.model_health.write().unwrap_or_else(|e| e.into_inner()) = models;
+    }
+
+    /// The models that are unhealthy now.
+    fn failing_models(&self) -> Vec<String> {
+        self.model_health
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|m| !m.is_healthy())
+            .map(|m| m.model().to_string())
+            .collect()
     }
 
     fn describe(&self) -> String {
@@ -328,11 +405,16 @@ impl Readiness {
                 "down"
             }
         };
+        let failing = self.failing_models();
+        let models = if failing.is_empty() {
+            flag(&self.models).to_string()
+        } else {
+            format!("failing ({})", failing.join(", "))
+        };
         format!(
-            "broker {}\nstorage {}\nmodels {}\ndraining {}\n",
+            "broker {}\nstorage {}\nmodels {models}\ndraining {}\n",
             flag(&self.broker),
             flag(&self.storage),
-            flag(&self.models),
             self.draining.load(Ordering::Relaxed)
         )
     }

@@ -101,6 +101,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     metrics::serve(&settings.metrics.listen, readiness.clone()).await?;
 
     let agents = app::agents(&settings, Arc::new(BatchMetrics)).await?;
+    readiness.watch_models(agents.served().iter().map(|m| m.batcher.health()));
     readiness.models.store(true, Ordering::Relaxed);
     info!(bundle = %settings.models.bundle.display(), device = %settings.models.device, "models loaded and warmed up");
 

@@ -693,9 +693,13 @@ build(sys.argv[2], True)
         resized: (0, 0),
     };
     let images = vec![image(4, 4, 0.0), image(2, 6, 1.0), image(4, 2, -1.0)];
-    let together = good.run(images.clone()).unwrap();
+    let together = good.run(&images).unwrap();
     for (i, alone) in images.into_iter().enumerate() {
-        assert_eq!(together[i], good.run(vec![alone]).unwrap()[0], "image {i}");
+        assert_eq!(
+            together[i],
+            good.run(std::slice::from_ref(&alone)).unwrap()[0],
+            "image {i}"
+        );
     }
     assert_eq!(
         together.iter().map(|f| f.rows).collect::<Vec<_>>(),

@@ -15,8 +15,8 @@ use ort::session::Session;
 use super::ModelInfo;
 use crate::bundle::Bundle;
 use crate::config::BatchingOverride;
-use crate::engine::batcher::{BatchObserver, BatchSettings, Batcher};
-use crate::engine::{load_session, EngineOptions, OnnxModel, TensorData};
+use crate::engine::batcher::{BatchError, BatchObserver, BatchSettings, Batcher};
+use crate::engine::{load_session, EngineOptions, OnnxModel, Signature, TensorData};
 use crate::error::{ErrorClass, JobError};
 
 /// The role a model session plays. Its name labels the model's metrics
@@ -123,6 +123,15 @@ impl LoadContext<'_> {
             if let Some(v) = layer.max_queue {
                 s.max_queue = v.max(1);
             }
+            if let Some(v) = layer.retries {
+                s.retries = v;
+            }
+            if let Some(v) = layer.retry_backoff_ms {
+                s.retry_backoff = std::time::Duration::from_millis(v);
+            }
+            if let Some(v) = layer.unhealthy_after {
+                s.unhealthy_after = v.max(1);
+            }
         }
         s
     }
@@ -154,6 +163,7 @@ impl LoadContext<'_> {
         }
         ServedModel {
             role,
+            signature: model.signature(),
             batcher: Batcher::spawn(role.as_str(), model, settings, self.observer.clone()),
             max_batch_size: settings.max_batch_size,
             probe,
@@ -172,16 +182,24 @@ pub struct ServedModel {
     pub probe: Vec<TensorData>,
     /// Values the model returns per item.
     pub output_len: usize,
+    /// What the model file declares, checked against the probe before the warm-up runs.
+    pub signature: Signature,
 }
 
 impl ServedModel {
-    /// Runs one request through the batcher; a model failure is the job's `model_error`.
+    /// Runs one request through the batcher. A request that fails alone is the job's
+    /// `model_error` (permanent); a model that could not run it (out of memory, device busy,
+    /// shutting down) is `model_unavailable` (transient: the job is retried later).
     pub async fn submit(&self, request: Vec<TensorData>) -> Result<Vec<f32>, JobError> {
-        let output = self
-            .batcher
-            .submit(request)
-            .await
-            .map_err(|e| JobError::new(ErrorClass::ModelError, e.to_string()))?;
+        let output = self.batcher.submit(request).await.map_err(|e| {
+            let class = match e {
+                BatchError::Model { .. } => ErrorClass::ModelError,
+                BatchError::Unavailable { .. } | BatchError::Closed { .. } => {
+                    ErrorClass::ModelUnavailable
+                }
+            };
+            JobError::new(class, e.to_string())
+        })?;
         if output.len() != self.output_len {
             return Err(JobError::new(
                 ErrorClass::ModelError,
@@ -196,9 +214,44 @@ impl ServedModel {
         Ok(output)
     }
 
-    /// Runs one wave of `size` copies of the probe per warm-up size (the copies are made
-    /// before the first is submitted, so each wave forms one batch), and checks every output.
+    /// Checks the model file's declared inputs and output against what the agent feeds (the
+    /// probe) and reads (`output_len`): names, ranks, fixed dimensions, element types. The error
+    /// names every disagreement.
+    pub fn check_contract(&self) -> anyhow::Result<()> {
+        let problems = self.signature.problems(&self.probe, self.output_len);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("{}", problems.join("; "))
+        }
+    }
+
+    /// Checks the contract, then runs one probe request alone and checks its output; returns how
+    /// long the call took.
+    pub async fn probe_once(&self) -> anyhow::Result<std::time::Duration> {
+        self.check_contract()?;
+        let started = std::time::Instant::now();
+        let output = self
+            .batcher
+            .submit(self.probe.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if output.len() != self.output_len {
+            anyhow::bail!(
+                "model {} returned {} values, expected {}",
+                self.role,
+                output.len(),
+                self.output_len
+            );
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Checks the contract, then runs one wave of `size` copies of the probe per warm-up size
+    /// (the copies are made before the first is submitted, so each wave forms one batch), and
+    /// checks every output.
     pub async fn warm_up(&self, every_size: bool) -> anyhow::Result<()> {
+        self.check_contract()?;
         for size in warm_up_sizes(self.max_batch_size, every_size) {
             let calls = (0..size).map(|_| self.batcher.submit(self.probe.clone()));
             for output in futures_util::future::join_all(calls).await {

@@ -3,6 +3,7 @@
 //! `--set` for any key) are layered over the configuration here, once, for every command.
 
 pub mod bench;
+pub mod bundle;
 pub mod enqueue;
 pub mod migrate;
 pub mod replay;
@@ -48,6 +49,8 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// Apply the broker topology (queues, exchanges) kept in migrations/.
     Migrate(migrate::MigrateArgs),
+    /// Check a model bundle before it is deployed, or write its checksums.
+    Bundle(bundle::BundleArgs),
 }
 
 /// The model flags of the commands that load a bundle.
@@ -108,6 +111,7 @@ impl Cli {
             Command::Enqueue(args) => overrides.queue(&args.queue),
             Command::Replay(args) => overrides.queue(&args.queue),
             Command::Migrate(args) => overrides.queue(&args.queue),
+            Command::Bundle(args) => overrides.set("models.device", args.device()),
         }
         let settings = Settings::load(self.config.as_deref(), &overrides.0)?;
         match self.command {
@@ -117,6 +121,7 @@ impl Cli {
             Command::Enqueue(args) => enqueue::run(args, settings).await,
             Command::Replay(args) => replay::run(args, settings).await,
             Command::Migrate(args) => migrate::run(args, settings).await,
+            Command::Bundle(args) => bundle::run(args, settings).await,
         }
     }
 }

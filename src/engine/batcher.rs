@@ -7,6 +7,17 @@
 //! requests whose caller has gone, and prepares exactly one batch ahead of the model; the model runs
 //! on its own OS thread (a session call blocks) and each caller gets its own result through a
 //! oneshot channel. Every batch records why it closed.
+//!
+//! Failures are confined to the requests that cause them: a failed batch is split in halves,
+//! recursively, so a poison request fails alone and its batch-mates get their results; a
+//! request that fails alone for a transient reason (out of memory, device busy, see
+//! [`super::failure`]) is retried after a growing pause, and fails as
+//! [`BatchError::Unavailable`] if it still cannot run. A model whose calls keep failing
+//! transiently is marked unhealthy ([`ModelHealth`], the worker's readiness); while it is, a
+//! batch that fails transiently is neither split nor retried (each call is a probe) until a call
+//! succeeds again.
+//! The pause before a retry holds the model thread: when the device is out of memory or busy,
+//! the next batch would most likely fail too, and the queue holds its callers back meanwhile.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,21 +25,31 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use super::failure::ModelFailure;
+
 /// A model that runs a batch of same-shaped inputs in one call (on the batcher's thread).
 pub trait BatchModel: Send + 'static {
     type Input: Send + 'static;
     type Output: Send + 'static;
-    /// Runs one batch; must return exactly one output per input, in order.
-    fn run(&mut self, inputs: Vec<Self::Input>) -> Result<Vec<Self::Output>, String>;
+    /// Runs one batch; must return exactly one output per input, in order. The inputs are
+    /// borrowed: after a failure the batcher runs parts of the same batch again.
+    fn run(&mut self, inputs: &[Self::Input]) -> Result<Vec<Self::Output>, ModelFailure>;
 }
 
-/// How a batcher forms batches.
+/// How a batcher forms batches and deals with failed calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchSettings {
     pub max_batch_size: usize,
     pub max_delay: Duration,
     /// Requests that may wait in the queue before `submit` holds callers back.
     pub max_queue: usize,
+    /// Retries of a request that failed alone for a transient reason.
+    pub retries: u32,
+    /// Pause before the first such retry; it doubles for each further one.
+    pub retry_backoff: Duration,
+    /// Transient failures in a row (calls, without a success between) after which the model
+    /// is unhealthy.
+    pub unhealthy_after: u32,
 }
 
 impl Default for BatchSettings {
@@ -37,6 +58,9 @@ impl Default for BatchSettings {
             max_batch_size: 8,
             max_delay: Duration::from_millis(5),
             max_queue: 256,
+            retries: 2,
+            retry_backoff: Duration::from_millis(100),
+            unhealthy_after: 3,
         }
     }
 }
@@ -97,11 +121,26 @@ pub enum DecoderEvent {
     Finished { generated: usize },
 }
 
-/// Receives every [`BatchRecord`] and queue-depth change (metrics, tests), and the events of
-/// continuously batched decoders.
+/// What the batcher did about a failed call (reported in metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// A failed batch is run again as two halves.
+    Split,
+    /// A request that failed alone, transiently, is run again after a pause.
+    Retry,
+    /// A request got an error: `transient` (the model could not run it now) or not (it fails
+    /// alone, whatever the batch).
+    Failed { transient: bool },
+    /// The model became unhealthy (`false`) or healthy again (`true`).
+    Health { healthy: bool },
+}
+
+/// Receives every [`BatchRecord`], queue-depth change and recovery step (metrics, tests), and
+/// the events of continuously batched decoders.
 pub trait BatchObserver: Send + Sync + 'static {
     fn batch(&self, model: &str, record: &BatchRecord);
     fn queue_depth(&self, model: &str, depth: usize);
+    fn recovery(&self, _model: &str, _event: Recovery) {}
     fn decoder(&self, _model: &str, _event: &DecoderEvent) {}
 }
 
@@ -115,16 +154,64 @@ impl BatchObserver for NoObserver {
 /// Why a request got no result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BatchError {
+    /// The request fails alone: retrying it cannot help.
     #[error("model {model} failed: {message}")]
     Model { model: String, message: String },
+    /// The model could not run the request for a transient reason, retries included.
+    #[error("model {model} is unavailable: {message}")]
+    Unavailable { model: String, message: String },
     #[error("model {model} is shut down")]
     Closed { model: String },
+}
+
+/// Whether a model's calls are succeeding; shared by its batcher and whoever reports
+/// readiness. Starts healthy.
+#[derive(Debug)]
+pub struct ModelHealth {
+    name: Arc<str>,
+    failures_in_a_row: std::sync::atomic::AtomicU32,
+    unhealthy: std::sync::atomic::AtomicBool,
+    unhealthy_after: u32,
+}
+
+impl ModelHealth {
+    fn new(name: Arc<str>, unhealthy_after: u32) -> ModelHealth {
+        ModelHealth {
+            name,
+            failures_in_a_row: Default::default(),
+            unhealthy: Default::default(),
+            unhealthy_after: unhealthy_after.max(1),
+        }
+    }
+
+    /// The model's name (its role).
+    pub fn model(&self) -> &str {
+        &self.name
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        !self.unhealthy.load(Ordering::Relaxed)
+    }
+
+    /// A call succeeded; returns whether that made the model healthy again.
+    fn succeeded(&self) -> bool {
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
+        self.unhealthy.swap(false, Ordering::Relaxed)
+    }
+
+    /// A call failed transiently; returns whether that made the model unhealthy.
+    fn failed(&self) -> bool {
+        let n = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        n >= self.unhealthy_after && !self.unhealthy.swap(true, Ordering::Relaxed)
+    }
 }
 
 struct Request<I, O> {
     input: I,
     reply: oneshot::Sender<Result<O, BatchError>>,
     enqueued: Instant,
+    /// The job that made the request, for model fault injection (see [`crate::faults`]).
+    job: Option<Arc<str>>,
 }
 
 type Batch<I, O> = (Vec<Request<I, O>>, CloseReason, usize);
@@ -135,6 +222,7 @@ pub struct Batcher<M: BatchModel> {
     tx: mpsc::Sender<Request<M::Input, M::Output>>,
     depth: Arc<AtomicUsize>,
     observer: Arc<dyn BatchObserver>,
+    health: Arc<ModelHealth>,
 }
 
 impl<M: BatchModel> Clone for Batcher<M> {
@@ -144,6 +232,7 @@ impl<M: BatchModel> Clone for Batcher<M> {
             tx: self.tx.clone(),
             depth: self.depth.clone(),
             observer: self.observer.clone(),
+            health: self.health.clone(),
         }
     }
 }
@@ -174,21 +263,31 @@ impl<M: BatchModel> Batcher<M> {
             depth.clone(),
             observer.clone(),
         ));
-        let thread_model = name.clone();
-        let thread_observer = observer.clone();
-        spawn_model_thread(&name, move || {
-            execute(thread_model, model, batch_rx, thread_observer)
-        });
+        let health = Arc::new(ModelHealth::new(name.clone(), settings.unhealthy_after));
+        let runner = Runner {
+            name: name.clone(),
+            model,
+            settings,
+            observer: observer.clone(),
+            health: health.clone(),
+        };
+        spawn_model_thread(&name, move || execute(runner, batch_rx));
         Batcher {
             name,
             tx,
             depth,
             observer,
+            health,
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the model's calls are succeeding (for readiness).
+    pub fn health(&self) -> Arc<ModelHealth> {
+        self.health.clone()
     }
 
     /// Requests waiting to be batched.
@@ -204,6 +303,7 @@ impl<M: BatchModel> Batcher<M> {
             input,
             reply,
             enqueued: Instant::now(),
+            job: crate::faults::current_job(),
         };
         let closed = || BatchError::Closed {
             model: self.name.to_string(),
@@ -349,12 +449,21 @@ fn push_live<I, O>(batch: &mut Vec<Request<I, O>>, request: Request<I, O>, skipp
     }
 }
 
+/// The model thread's side of a batcher: the model and what it needs to recover from failures.
+struct Runner<M: BatchModel> {
+    name: Arc<str>,
+    model: M,
+    settings: BatchSettings,
+    observer: Arc<dyn BatchObserver>,
+    health: Arc<ModelHealth>,
+}
+
+type Reply<O> = oneshot::Sender<Result<O, BatchError>>;
+
 /// The model thread: runs each batch and fans the results out to the callers.
 fn execute<M: BatchModel>(
-    name: Arc<str>,
-    mut model: M,
+    mut runner: Runner<M>,
     mut batches: mpsc::Receiver<Batch<M::Input, M::Output>>,
-    observer: Arc<dyn BatchObserver>,
 ) {
     while let Some((mut requests, reason, mut skipped)) = batches.blocking_recv() {
         // Callers may have gone while the batch waited for the model: skip them too.
@@ -362,8 +471,8 @@ fn execute<M: BatchModel>(
         requests.retain(|r| !r.reply.is_closed());
         skipped += before - requests.len();
         if requests.is_empty() {
-            observer.batch(
-                &name,
+            runner.observer.batch(
+                &runner.name,
                 &BatchRecord {
                     size: 0,
                     reason,
@@ -379,16 +488,21 @@ fn execute<M: BatchModel>(
             .iter()
             .map(|r| started.saturating_duration_since(r.enqueued))
             .collect();
-        let (inputs, replies): (Vec<_>, Vec<_>) =
-            requests.into_iter().map(|r| (r.input, r.reply)).unzip();
-        let size = inputs.len();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(inputs)))
-            .unwrap_or_else(|_| Err("the model panicked".to_string()));
+        let size = requests.len();
+        let mut inputs = Vec::with_capacity(size);
+        let mut jobs = Vec::with_capacity(size);
+        let mut replies = Vec::with_capacity(size);
+        for r in requests {
+            inputs.push(r.input);
+            jobs.push(r.job);
+            replies.push(r.reply);
+        }
+        let result = runner.call(&inputs, &jobs);
         let inference = started.elapsed();
         // Recorded before the callers hear back, so a caller that has its result also finds
         // its batch in the metrics (tests and `bench` read them right after).
-        observer.batch(
-            &name,
+        runner.observer.batch(
+            &runner.name,
             &BatchRecord {
                 size,
                 reason,
@@ -397,27 +511,127 @@ fn execute<M: BatchModel>(
                 skipped,
             },
         );
-        match result {
-            Ok(outputs) if outputs.len() == size => {
-                for (reply, output) in replies.into_iter().zip(outputs) {
-                    let _ = reply.send(Ok(output));
-                }
-            }
-            Ok(outputs) => {
-                let message = format!("returned {} outputs for {size} inputs", outputs.len());
-                fail_all(&name, replies, &message);
-            }
-            Err(message) => fail_all(&name, replies, &message),
-        }
+        runner.settle(&inputs, &jobs, replies, result);
     }
 }
 
-fn fail_all<O>(name: &str, replies: Vec<oneshot::Sender<Result<O, BatchError>>>, message: &str) {
-    for reply in replies {
-        let _ = reply.send(Err(BatchError::Model {
-            model: name.to_string(),
-            message: message.to_string(),
-        }));
+impl<M: BatchModel> Runner<M> {
+    /// One session call (unless a fault is injected), with panics and a wrong number of
+    /// outputs turned into failures, and the model's health updated.
+    fn call(
+        &mut self,
+        inputs: &[M::Input],
+        jobs: &[Option<Arc<str>>],
+    ) -> Result<Vec<M::Output>, ModelFailure> {
+        let result = match crate::faults::model_call(&self.name, jobs) {
+            Some(fault) => Err(super::failure::injected(fault, &self.name)),
+            None => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.run(inputs)))
+                    .unwrap_or_else(|_| Err(ModelFailure::permanent("the model panicked")))
+            }
+        };
+        let result = result.and_then(|outputs| {
+            if outputs.len() == inputs.len() {
+                Ok(outputs)
+            } else {
+                Err(ModelFailure::permanent(format!(
+                    "returned {} outputs for {} inputs",
+                    outputs.len(),
+                    inputs.len()
+                )))
+            }
+        });
+        match &result {
+            Ok(_) => {
+                if self.health.succeeded() {
+                    tracing::info!(model = %self.name, "model calls succeed again: healthy");
+                    self.report(Recovery::Health { healthy: true });
+                }
+            }
+            Err(failure) if failure.transient => {
+                if self.health.failed() {
+                    tracing::error!(model = %self.name, error = %failure.message,
+                        "model calls keep failing: unhealthy until one succeeds");
+                    self.report(Recovery::Health { healthy: false });
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Answers the callers of `inputs` given the `result` of running them together: a failed
+    /// group of several is run again as two halves; a request that failed alone is retried
+    /// while its failure is transient and retries are left.
+    fn settle(
+        &mut self,
+        inputs: &[M::Input],
+        jobs: &[Option<Arc<str>>],
+        mut replies: Vec<Reply<M::Output>>,
+        result: Result<Vec<M::Output>, ModelFailure>,
+    ) {
+        let mut failure = match result {
+            Ok(outputs) => {
+                for (reply, output) in replies.into_iter().zip(outputs) {
+                    let _ = reply.send(Ok(output));
+                }
+                return;
+            }
+            Err(failure) => failure,
+        };
+        // While the model is unhealthy a transient failure is not split or retried (every call
+        // is a probe); a permanent one still is, or a poison request would fail its batch-mates.
+        let healthy = self.health.is_healthy();
+        if inputs.len() > 1 && (healthy || !failure.transient) {
+            self.report(Recovery::Split);
+            let mid = inputs.len() / 2;
+            let second = replies.split_off(mid);
+            for (range, replies) in [(0..mid, replies), (mid..inputs.len(), second)] {
+                let (inputs, jobs) = (&inputs[range.clone()], &jobs[range]);
+                let result = self.call(inputs, jobs);
+                self.settle(inputs, jobs, replies, result);
+            }
+            return;
+        }
+        if inputs.len() == 1 && healthy {
+            let mut pause = self.settings.retry_backoff;
+            for _ in 0..self.settings.retries {
+                if !failure.transient || !self.health.is_healthy() {
+                    break;
+                }
+                std::thread::sleep(pause);
+                pause = pause.saturating_mul(2);
+                self.report(Recovery::Retry);
+                match self.call(inputs, jobs) {
+                    Ok(outputs) => {
+                        for (reply, output) in replies.into_iter().zip(outputs) {
+                            let _ = reply.send(Ok(output));
+                        }
+                        return;
+                    }
+                    Err(again) => failure = again,
+                }
+            }
+        }
+        tracing::warn!(model = %self.name, requests = inputs.len(), transient = failure.transient,
+            error = %failure.message, "model requests failed");
+        for reply in replies {
+            self.report(Recovery::Failed {
+                transient: failure.transient,
+            });
+            let model = self.name.to_string();
+            let message = failure.message.clone();
+            let error = if failure.transient {
+                BatchError::Unavailable { model, message }
+            } else {
+                BatchError::Model { model, message }
+            };
+            let _ = reply.send(Err(error));
+        }
+    }
+
+    fn report(&self, event: Recovery) {
+        self.observer.recovery(&self.name, event);
     }
 }
 
@@ -437,21 +651,19 @@ mod tests {
     impl BatchModel for Doubler {
         type Input = i64;
         type Output = i64;
-        fn run(&mut self, inputs: Vec<i64>) -> Result<Vec<i64>, String> {
+        fn run(&mut self, inputs: &[i64]) -> Result<Vec<i64>, ModelFailure> {
             if let Some((started, open)) = &self.gate {
-                let _ = started.send(inputs.clone());
+                let _ = started.send(inputs.to_vec());
                 let _ = open.recv();
             }
-            if inputs.contains(&-1) {
-                return Err("negative input".into());
-            }
-            Ok(inputs.into_iter().map(|x| x * 2).collect())
+            Ok(inputs.iter().map(|x| x * 2).collect())
         }
     }
 
     #[derive(Default)]
     struct Recorder {
         batches: Mutex<Vec<(usize, CloseReason, usize)>>,
+        recoveries: Mutex<Vec<Recovery>>,
     }
     impl BatchObserver for Recorder {
         fn batch(&self, _: &str, r: &BatchRecord) {
@@ -461,6 +673,9 @@ mod tests {
                 .push((r.size, r.reason, r.skipped));
         }
         fn queue_depth(&self, _: &str, _: usize) {}
+        fn recovery(&self, _: &str, event: Recovery) {
+            self.recoveries.lock().unwrap().push(event);
+        }
     }
 
     fn settings(max_batch_size: usize, delay_ms: u64, max_queue: usize) -> BatchSettings {
@@ -468,6 +683,9 @@ mod tests {
             max_batch_size,
             max_delay: Duration::from_millis(delay_ms),
             max_queue,
+            // No pauses: the tests count calls, they do not wait.
+            retry_backoff: Duration::ZERO,
+            ..BatchSettings::default()
         }
     }
 
@@ -632,20 +850,184 @@ mod tests {
         }
     }
 
+    /// Doubles its inputs, fails any call holding -1 (a poison input), and fails its first
+    /// `transient_failures` calls with ONNX Runtime's out-of-memory message. Logs every call.
+    struct Flaky {
+        transient_failures: usize,
+        calls: Arc<Mutex<Vec<Vec<i64>>>>,
+    }
+    impl BatchModel for Flaky {
+        type Input = i64;
+        type Output = i64;
+        fn run(&mut self, inputs: &[i64]) -> Result<Vec<i64>, ModelFailure> {
+            self.calls.lock().unwrap().push(inputs.to_vec());
+            if self.transient_failures > 0 {
+                self.transient_failures -= 1;
+                return Err(ModelFailure::transient(
+                    "Failed to allocate memory for requested buffer of size 1024",
+                ));
+            }
+            if inputs.contains(&-1) {
+                return Err("negative input".into());
+            }
+            Ok(inputs.iter().map(|x| x * 2).collect())
+        }
+    }
+
+    struct FlakyBatcher {
+        batcher: Batcher<Flaky>,
+        calls: Arc<Mutex<Vec<Vec<i64>>>>,
+        recorder: Arc<Recorder>,
+    }
+
+    impl FlakyBatcher {
+        /// Batches close only when full (a delay of an hour), so a test that submits
+        /// `max_batch_size` requests together knows they form one batch.
+        fn new(max_batch_size: usize, transient_failures: usize) -> FlakyBatcher {
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let recorder = Arc::new(Recorder::default());
+            let batcher = Batcher::spawn(
+                "flaky",
+                Flaky {
+                    transient_failures,
+                    calls: calls.clone(),
+                },
+                settings(max_batch_size, 3_600_000, 64),
+                recorder.clone(),
+            );
+            FlakyBatcher {
+                batcher,
+                calls,
+                recorder,
+            }
+        }
+        fn calls(&self) -> Vec<Vec<i64>> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+        fn recoveries(&self) -> Vec<Recovery> {
+            std::mem::take(&mut *self.recorder.recoveries.lock().unwrap())
+        }
+    }
+
+    fn sorted(mut calls: Vec<Vec<i64>>) -> Vec<Vec<i64>> {
+        for call in &mut calls {
+            call.sort();
+        }
+        calls.sort();
+        calls
+    }
+
     #[tokio::test]
-    async fn model_errors_reach_every_caller_of_the_batch() {
-        let b = Batcher::spawn(
-            "t",
-            Doubler { gate: None },
-            settings(2, 3_600_000, 8),
-            Arc::new(NoObserver),
+    async fn a_poison_request_fails_alone_and_its_batch_mates_get_their_results() {
+        let f = FlakyBatcher::new(4, 0);
+        let b = &f.batcher;
+        let (a, poison, c, d) = tokio::join!(b.submit(1), b.submit(-1), b.submit(3), b.submit(4));
+        assert_eq!((a, c, d), (Ok(2), Ok(6), Ok(8)));
+        assert_eq!(
+            poison,
+            Err(BatchError::Model {
+                model: "flaky".into(),
+                message: "negative input".into(),
+            })
         );
-        let (x, y) = tokio::join!(b.submit(-1), b.submit(3));
-        let expected = Err(BatchError::Model {
-            model: "t".into(),
-            message: "negative input".into(),
-        });
-        assert_eq!(x, expected);
-        assert_eq!(y, expected);
+        // The batch of four, its halves, and the failed half's halves: the poison request
+        // ran alone once, and nothing was retried (its failure is permanent).
+        let calls = f.calls();
+        assert_eq!(calls.len(), 5, "{calls:?}");
+        assert_eq!(calls[0].len(), 4);
+        assert!(calls.contains(&vec![-1]), "{calls:?}");
+        assert_eq!(
+            f.recoveries(),
+            vec![
+                Recovery::Split,
+                Recovery::Split,
+                Recovery::Failed { transient: false }
+            ]
+        );
+        // One batch as the metrics see it; a poison input says nothing about the model.
+        assert_eq!(
+            f.recorder.batches.lock().unwrap().clone(),
+            vec![(4, CloseReason::Full, 0)]
+        );
+        assert!(b.health().is_healthy());
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_of_a_batch_is_split_and_succeeds() {
+        let f = FlakyBatcher::new(2, 1);
+        let b = &f.batcher;
+        let (x, y) = tokio::join!(b.submit(5), b.submit(6));
+        assert_eq!((x, y), (Ok(10), Ok(12)));
+        assert_eq!(sorted(f.calls()), vec![vec![5], vec![5, 6], vec![6]]);
+        assert_eq!(f.recoveries(), vec![Recovery::Split]);
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_of_a_request_alone_is_retried_and_succeeds() {
+        let f = FlakyBatcher::new(1, 2);
+        assert_eq!(f.batcher.submit(7).await, Ok(14));
+        assert_eq!(f.calls(), vec![vec![7]; 3]);
+        assert_eq!(f.recoveries(), vec![Recovery::Retry, Recovery::Retry]);
+        assert!(
+            f.batcher.health().is_healthy(),
+            "two failures in a row are not three"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_persistent_failure_makes_the_model_unhealthy_until_a_call_succeeds() {
+        // Five calls fail with out of memory, then the model works again.
+        let f = FlakyBatcher::new(2, 5);
+        let b = &f.batcher;
+        let health = b.health();
+        let unavailable = || {
+            Err(BatchError::Unavailable {
+                model: "flaky".into(),
+                message: "Failed to allocate memory for requested buffer of size 1024".into(),
+            })
+        };
+        // The batch fails and is split; the first half fails alone and is retried; that is the
+        // third failure in a row: the model is unhealthy, and the second half, failing too, is
+        // not retried.
+        let (x, y) = tokio::join!(b.submit(1), b.submit(2));
+        assert_eq!((x, y), (unavailable(), unavailable()));
+        assert!(!health.is_healthy());
+        assert_eq!(
+            f.calls(),
+            vec![vec![1, 2], vec![1], vec![1], vec![2]],
+            "calls in order"
+        );
+        // While it is unhealthy a failed batch is not split: each call is a probe.
+        let (x, y) = tokio::join!(b.submit(3), b.submit(4));
+        assert_eq!((x, y), (unavailable(), unavailable()));
+        assert_eq!(f.calls(), vec![vec![3, 4]]);
+        assert!(!health.is_healthy());
+        // A poison request in a batch fails alone even now: its failure is not the model's.
+        // (The calls that run succeed, so the model is healthy again.)
+        let (x, y) = tokio::join!(b.submit(-1), b.submit(6));
+        assert!(matches!(x, Err(BatchError::Model { .. })), "{x:?}");
+        assert_eq!(y, Ok(12));
+        assert!(health.is_healthy());
+        assert_eq!(f.calls(), vec![vec![-1, 6], vec![-1], vec![6]]);
+        // And stays healthy.
+        let (x, y) = tokio::join!(b.submit(5), b.submit(6));
+        assert_eq!((x, y), (Ok(10), Ok(12)));
+        assert!(health.is_healthy());
+        let failed = Recovery::Failed { transient: true };
+        assert_eq!(
+            f.recoveries(),
+            vec![
+                Recovery::Split,
+                Recovery::Retry,
+                Recovery::Health { healthy: false },
+                failed,
+                failed,
+                failed,
+                failed,
+                Recovery::Split,
+                Recovery::Failed { transient: false },
+                Recovery::Health { healthy: true },
+            ]
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! needs no lock; agents only ever see [`OnnxModel`] through a [`batcher::Batcher`].
 
 pub mod batcher;
+pub(crate) mod failure;
 pub mod kv;
 pub mod tensor;
 
@@ -66,18 +67,6 @@ pub struct EngineOptions {
     pub intra_threads: usize,
     /// `models.ort_library`; empty = `ORT_DYLIB_PATH`, then `.tools/ort/`.
     pub ort_library: String,
-}
-
-impl EngineOptions {
-    /// The options the `models.*` settings ask for.
-    pub fn from_settings(models: &crate::config::ModelSettings) -> anyhow::Result<EngineOptions> {
-        Ok(EngineOptions {
-            device: Device::parse(&models.device)?,
-            fallback_to_cpu: models.fallback_to_cpu,
-            intra_threads: models.intra_threads,
-            ort_library: models.ort_library.clone(),
-        })
-    }
 }
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
@@ -254,7 +243,8 @@ impl TensorData {
         self.len() == 0
     }
 
-    fn element(&self) -> &'static str {
+    /// The element type, named as ONNX Runtime names it (`f32`, `i64`, `i32`).
+    pub fn element(&self) -> &'static str {
         match self {
             TensorData::F32(_) => "f32",
             TensorData::I64(_) => "i64",
@@ -308,6 +298,154 @@ pub fn outputs_of(session: &Session) -> Vec<TensorInfo> {
         .collect()
 }
 
+/// A tensor as a model file declares it: name, element type (`f32`, `i64`, …) and shape, `-1`
+/// for a dynamic dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    pub name: String,
+    pub element: String,
+    pub shape: Vec<i64>,
+}
+
+impl Declared {
+    fn of(name: &str, dtype: &ValueType) -> Declared {
+        let (element, shape) = match dtype {
+            ValueType::Tensor { ty, shape, .. } => {
+                (ty.to_string(), shape.iter().copied().collect())
+            }
+            other => (other.to_string(), Vec::new()),
+        };
+        Declared {
+            name: name.to_string(),
+            element,
+            shape,
+        }
+    }
+}
+
+/// What a model file declares next to what its agent feeds it and reads back, so the two can be
+/// compared before the first call ([`Signature::problems`]).
+#[derive(Debug, Clone)]
+pub struct Signature {
+    /// The model file, for messages.
+    pub model: String,
+    pub declared_inputs: Vec<Declared>,
+    pub fed: Vec<InputSpec>,
+    /// By fed input: given once per call with exactly its item shape, not stacked along the
+    /// batch (so declared without a batch dimension).
+    pub shared: Vec<bool>,
+    /// Batch rows each item carries (its output is this many rows too).
+    pub rows_per_item: usize,
+    pub output: Declared,
+}
+
+impl Signature {
+    /// Every way the model's declared inputs and output disagree with what the agent feeds and
+    /// reads: `probe` is a request of the agent's (the element types it feeds), `output_len` the
+    /// values per item it reads. Empty when they agree.
+    pub fn problems(&self, probe: &[TensorData], output_len: usize) -> Vec<String> {
+        let mut problems = Vec::new();
+        let show = |shape: &[i64]| {
+            let dims: Vec<String> = shape
+                .iter()
+                .map(|&d| {
+                    if d < 0 {
+                        "?".to_string()
+                    } else {
+                        d.to_string()
+                    }
+                })
+                .collect();
+            format!("[{}]", dims.join(", "))
+        };
+        for (j, spec) in self.fed.iter().enumerate() {
+            let Some(declared) = self.declared_inputs.iter().find(|d| d.name == spec.name) else {
+                problems.push(format!("has no input {:?}", spec.name));
+                continue;
+            };
+            let shared = self.shared.get(j).copied().unwrap_or(false);
+            let (fed_shape, per_item) = if shared {
+                (show(&spec.item_shape), &declared.shape[..])
+            } else {
+                let mut batched = vec![-1];
+                batched.extend(&spec.item_shape);
+                (
+                    show(&batched).replacen('?', "N", 1),
+                    declared.shape.get(1..).unwrap_or_default(),
+                )
+            };
+            let rank = spec.item_shape.len() + usize::from(!shared);
+            if declared.shape.len() != rank {
+                problems.push(format!(
+                    "input {:?} has rank {} {}, the agent feeds rank {rank} {fed_shape}",
+                    spec.name,
+                    declared.shape.len(),
+                    show(&declared.shape),
+                ));
+            } else if per_item
+                .iter()
+                .zip(&spec.item_shape)
+                .any(|(&have, &want)| have >= 0 && have != want)
+            {
+                problems.push(format!(
+                    "input {:?} has shape {}, the agent feeds {fed_shape}",
+                    spec.name,
+                    show(&declared.shape)
+                ));
+            }
+            if let Some(item) = probe.get(j) {
+                if item.element() != declared.element {
+                    problems.push(format!(
+                        "input {:?} is {}, the agent feeds {}",
+                        spec.name,
+                        declared.element,
+                        item.element()
+                    ));
+                }
+            }
+        }
+        for declared in &self.declared_inputs {
+            if !self.fed.iter().any(|s| s.name == declared.name) {
+                let fed: Vec<&str> = self.fed.iter().map(|s| s.name.as_str()).collect();
+                problems.push(format!(
+                    "needs input {:?}, which the agent does not feed (it feeds {fed:?})",
+                    declared.name
+                ));
+            }
+        }
+        let output = &self.output;
+        if output.element != "f32" {
+            problems.push(format!(
+                "output {:?} is {}, the agent reads f32",
+                output.name, output.element
+            ));
+        }
+        match output.shape.split_first() {
+            None => problems.push(format!(
+                "output {:?} has no batch dimension ({})",
+                output.name,
+                show(&output.shape)
+            )),
+            Some((_, row)) if row.iter().all(|&d| d >= 0) => {
+                let values = row.iter().product::<i64>() * self.rows_per_item as i64;
+                if values != output_len as i64 {
+                    problems.push(format!(
+                        "output {:?} has shape {}: {values} values per item, the agent expects \
+                         {output_len}",
+                        output.name,
+                        show(&output.shape)
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+        problems
+            .into_iter()
+            .map(|p| format!("model {} {p}", self.model))
+            .collect()
+    }
+}
+
 /// A model session behind a batcher: stacks per-item tensors into one batch, runs the
 /// session, and splits the first named output back into per-item `Vec<f32>`s.
 ///
@@ -320,6 +458,8 @@ pub struct OnnxModel {
     session: Session,
     inputs: Vec<InputSpec>,
     output: String,
+    /// The model file, for messages.
+    model: String,
     /// Whether the first input's batch dimension is dynamic.
     pub dynamic_batch: bool,
     rows_per_item: usize,
@@ -328,25 +468,27 @@ pub struct OnnxModel {
 }
 
 impl OnnxModel {
-    /// Wraps a session; checks that every expected input and the output exist.
+    /// Wraps a session; checks that every expected input and the output exist (naming every
+    /// one that does not).
     pub fn new(
         session: Session,
         inputs: Vec<InputSpec>,
         output: &str,
         model: &str,
     ) -> anyhow::Result<OnnxModel> {
+        let mut missing = Vec::new();
+        let have_inputs: Vec<_> = session.inputs().iter().map(|i| i.name()).collect();
         for spec in &inputs {
-            if !session.inputs().iter().any(|i| i.name() == spec.name) {
-                let have: Vec<_> = session.inputs().iter().map(|i| i.name()).collect();
-                bail!(
-                    "model {model} has no input {:?} (it has {have:?})",
-                    spec.name
-                );
+            if !have_inputs.contains(&spec.name.as_str()) {
+                missing.push(format!("no input {:?} (it has {have_inputs:?})", spec.name));
             }
         }
         if !session.outputs().iter().any(|o| o.name() == output) {
             let have: Vec<_> = session.outputs().iter().map(|o| o.name()).collect();
-            bail!("model {model} has no output {output:?} (it has {have:?})");
+            missing.push(format!("no output {output:?} (it has {have:?})"));
+        }
+        if !missing.is_empty() {
+            bail!("model {model} has {}", missing.join("; "));
         }
         let dynamic_batch = session
             .inputs()
@@ -362,6 +504,7 @@ impl OnnxModel {
             session,
             inputs,
             output: output.to_string(),
+            model: model.to_string(),
             dynamic_batch,
             rows_per_item: 1,
             shared,
@@ -384,6 +527,34 @@ impl OnnxModel {
         };
         self.shared[j] = true;
         Ok(self)
+    }
+
+    /// What the model declares and what it is fed (see [`Signature::problems`]).
+    pub fn signature(&self) -> Signature {
+        let output = self
+            .session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == self.output)
+            .map(|o| Declared::of(o.name(), o.dtype()))
+            .unwrap_or_else(|| Declared {
+                name: self.output.clone(),
+                element: String::new(),
+                shape: Vec::new(),
+            });
+        Signature {
+            model: self.model.clone(),
+            declared_inputs: self
+                .session
+                .inputs()
+                .iter()
+                .map(|i| Declared::of(i.name(), i.dtype()))
+                .collect(),
+            fed: self.inputs.clone(),
+            shared: self.shared.clone(),
+            rows_per_item: self.rows_per_item,
+            output,
+        }
     }
 
     /// Runs one batch: `items[i][j]` is input `j` of item `i`.
@@ -498,16 +669,18 @@ impl OnnxModel {
 impl batcher::BatchModel for OnnxModel {
     type Input = Vec<TensorData>;
     type Output = Vec<f32>;
-    fn run(&mut self, inputs: Vec<Vec<TensorData>>) -> Result<Vec<Vec<f32>>, String> {
+    fn run(&mut self, inputs: &[Vec<TensorData>]) -> Result<Vec<Vec<f32>>, failure::ModelFailure> {
         if self.dynamic_batch || inputs.len() <= 1 {
-            return self.run_batch(&inputs).map_err(|e| format!("{e:#}"));
+            return self
+                .run_batch(inputs)
+                .map_err(|e| failure::ModelFailure::of(&e));
         }
         // A model with a fixed batch dimension of 1 is still served, one item per call.
         let mut out = Vec::with_capacity(inputs.len());
         for item in inputs {
             let mut one = self
-                .run_batch(std::slice::from_ref(&item))
-                .map_err(|e| format!("{e:#}"))?;
+                .run_batch(std::slice::from_ref(item))
+                .map_err(|e| failure::ModelFailure::of(&e))?;
             out.push(one.pop().unwrap_or_default());
         }
         Ok(out)
@@ -517,6 +690,101 @@ impl batcher::BatchModel for OnnxModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn declared(name: &str, element: &str, shape: &[i64]) -> Declared {
+        Declared {
+            name: name.into(),
+            element: element.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_signature_names_every_way_a_model_breaks_its_contract() {
+        let fed = |name: &str, item_shape: &[i64]| InputSpec {
+            name: name.into(),
+            item_shape: item_shape.to_vec(),
+        };
+        let signature = Signature {
+            model: "m.onnx".into(),
+            declared_inputs: vec![
+                declared("pixel_values", "f32", &[-1, 3, 224, 224]),
+                declared("input_ids", "i32", &[-1, -1]),
+                declared("attention_mask", "i64", &[-1]),
+                declared("position_ids", "i64", &[-1, -1]),
+            ],
+            fed: vec![
+                fed("pixel_values", &[3, 256, 256]),
+                fed("input_ids", &[32]),
+                fed("attention_mask", &[32]),
+            ],
+            shared: vec![false; 3],
+            rows_per_item: 1,
+            output: declared("saliency", "f16", &[-1, 1, 256, 256]),
+        };
+        let probe = [
+            TensorData::F32(vec![0.0; 3 * 256 * 256]),
+            TensorData::I64(vec![0; 32]),
+            TensorData::I64(vec![0; 32]),
+        ];
+        let problems = signature.problems(&probe, 256 * 256 + 1);
+        let want = [
+            "model m.onnx input \"pixel_values\" has shape [?, 3, 224, 224], the agent feeds [N, 3, 256, 256]",
+            "model m.onnx input \"input_ids\" is i32, the agent feeds i64",
+            "model m.onnx input \"attention_mask\" has rank 1 [?], the agent feeds rank 2 [N, 32]",
+            "model m.onnx needs input \"position_ids\", which the agent does not feed (it feeds [\"pixel_values\", \"input_ids\", \"attention_mask\"])",
+            "model m.onnx output \"saliency\" is f16, the agent reads f32",
+            "model m.onnx output \"saliency\" has shape [?, 1, 256, 256]: 65536 values per item, the agent expects 65537",
+        ];
+        assert_eq!(problems, want);
+
+        // What the agents feed and read, declared so: no problem (dynamic dimensions match any).
+        let good = Signature {
+            declared_inputs: vec![
+                declared("pixel_values", "f32", &[-1, 3, 256, 256]),
+                declared("input_ids", "i64", &[-1, -1]),
+                declared("attention_mask", "i64", &[-1, -1]),
+            ],
+            output: declared("saliency", "f32", &[-1, 1, -1, -1]),
+            ..signature
+        };
+        assert_eq!(good.problems(&probe, 7), Vec::<String>::new());
+
+        // An input given once per call is declared without a batch dimension; items of two rows
+        // read two rows of output each.
+        let paired = Signature {
+            model: "unet.onnx".into(),
+            declared_inputs: vec![
+                declared("sample", "f32", &[-1, 9, 8, 8]),
+                declared("timestep", "i64", &[]),
+            ],
+            fed: vec![fed("sample", &[9, 8, 8]), fed("timestep", &[])],
+            shared: vec![false, true],
+            rows_per_item: 2,
+            output: declared("out_sample", "f32", &[-1, 4, 8, 8]),
+        };
+        let probe = [
+            TensorData::F32(vec![0.0; 2 * 9 * 64]),
+            TensorData::I64(vec![0]),
+        ];
+        assert_eq!(paired.problems(&probe, 2 * 4 * 64), Vec::<String>::new());
+        assert_eq!(
+            paired.problems(&probe, 4 * 64),
+            ["model unet.onnx output \"out_sample\" has shape [?, 4, 8, 8]: 512 values per item, \
+              the agent expects 256"]
+        );
+        let batched_timestep = Signature {
+            declared_inputs: vec![
+                declared("sample", "f32", &[-1, 9, 8, 8]),
+                declared("timestep", "i64", &[-1]),
+            ],
+            ..paired
+        };
+        assert_eq!(
+            batched_timestep.problems(&probe, 2 * 4 * 64),
+            ["model unet.onnx input \"timestep\" has rank 1 [?], the agent feeds rank 0 []"]
+        );
+    }
 
     #[test]
     fn devices_parse() {

@@ -33,6 +33,20 @@ pub struct Action {
 impl Action {
     /// Loads every tool the bundle routes to or configures (`[action.tools.<name>]`).
     pub fn load(ctx: &LoadContext) -> anyhow::Result<Action> {
+        let mut tools = BTreeMap::new();
+        for name in Action::tool_names(ctx) {
+            let tool = Action::load_tool(ctx, name)
+                .map_err(|e| e.context(format!("loading tool {name}")))?;
+            tools.insert(name, tool);
+        }
+        Ok(Action {
+            tools,
+            feather_pixels: ctx.bundle.manifest.reasoning.feather_pixels,
+        })
+    }
+
+    /// The tools the bundle routes to or configures, in name order.
+    pub fn tool_names(ctx: &LoadContext) -> Vec<ToolName> {
         let action = &ctx.bundle.manifest.action;
         let mut names: Vec<ToolName> = action.routing.values().copied().collect();
         names.push(action.default_tool);
@@ -42,17 +56,14 @@ impl Action {
         }
         names.sort();
         names.dedup();
-        let mut tools = BTreeMap::new();
-        for name in names {
-            let spec = action.tools.get(name.as_str());
-            let tool = (name.entry().load)(ctx, spec)
-                .map_err(|e| e.context(format!("loading tool {name}")))?;
-            tools.insert(name, tool);
-        }
-        Ok(Action {
-            tools,
-            feather_pixels: ctx.bundle.manifest.reasoning.feather_pixels,
-        })
+        names
+    }
+
+    /// Loads one tool from its `[action.tools.<name>]` table (`bundle check` loads each on its
+    /// own, to report every tool that fails).
+    pub fn load_tool(ctx: &LoadContext, name: ToolName) -> anyhow::Result<Box<dyn Tool>> {
+        let spec = ctx.bundle.manifest.action.tools.get(name.as_str());
+        (name.entry().load)(ctx, spec)
     }
 
     /// Whether the bundle has this tool loaded.

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 
 use super::preprocess::VisionInput;
 use crate::engine::batcher::BatchModel;
+use crate::engine::failure::ModelFailure;
 use crate::engine::tensor::{Graph, HostTensor};
 
 /// Feature rows of one image, as f32.
@@ -179,9 +180,9 @@ impl BatchModel for VisionEncoder {
     type Input = VisionInput;
     type Output = ImageFeatures;
 
-    fn run(&mut self, inputs: Vec<VisionInput>) -> Result<Vec<ImageFeatures>, String> {
+    fn run(&mut self, inputs: &[VisionInput]) -> Result<Vec<ImageFeatures>, ModelFailure> {
         let result = if self.multi_image || inputs.len() <= 1 {
-            self.encode(&inputs)
+            self.encode(inputs)
         } else {
             inputs
                 .chunks(1)
@@ -190,6 +191,6 @@ impl BatchModel for VisionEncoder {
         };
         result
             .with_context(|| format!("vision encoder {}", self.graph.name))
-            .map_err(|e| format!("{e:#}"))
+            .map_err(|e| ModelFailure::of(&e))
     }
 }
