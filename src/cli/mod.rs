@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod enqueue;
+pub mod eval;
 pub mod migrate;
 pub mod replay;
 pub mod run;
@@ -44,6 +45,9 @@ pub enum Command {
     /// Measure throughput and latency of the real pipeline on generated jobs, and the
     /// model-only throughput of the same sessions.
     Bench(bench::BenchArgs),
+    /// Measure quality on a manifest of images with known defects: localisation, restoration,
+    /// harm and the loop, overall and per class (report.json, report.html).
+    Eval(eval::EvalArgs),
     /// Move dead letters back to the jobs queue (all, or by error class or job id), attempts reset.
     Replay(replay::ReplayArgs),
     /// Apply the broker topology (queues, exchanges) kept in migrations/.
@@ -105,6 +109,7 @@ impl Cli {
             }
             Command::Run(args) => overrides.models(&args.models),
             Command::Bench(args) => overrides.models(&args.models),
+            Command::Eval(args) => overrides.models(&args.models),
             Command::Enqueue(args) => overrides.queue(&args.queue),
             Command::Replay(args) => overrides.queue(&args.queue),
             Command::Migrate(args) => overrides.queue(&args.queue),
@@ -114,6 +119,7 @@ impl Cli {
             Command::Worker(args) => worker::run(args, settings).await,
             Command::Run(args) => run::run(args, settings).await,
             Command::Bench(args) => bench::run(args, settings).await,
+            Command::Eval(args) => eval::run(args, settings).await,
             Command::Enqueue(args) => enqueue::run(args, settings).await,
             Command::Replay(args) => replay::run(args, settings).await,
             Command::Migrate(args) => migrate::run(args, settings).await,
