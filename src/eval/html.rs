@@ -361,11 +361,11 @@ pub fn render(
         report.wall_seconds
     );
     let outside = f.harm.outside_mask_changed_pixels;
-    let _ = write!(
+    let _ = writeln!(
         html,
         "<table><tr><th>pixel AUC</th><td>{}</td><th>IoU @ τ</th><td>{}</td><th>recall</th><td>{} of {} defects</td><th>false-positive area</th><td>{}</td></tr>\
          <tr><th>PSNR in mask</th><td>{} → {} dB</td><th>SSIM in mask</th><td>{} → {}</td><th>worse</th><td>{} ({} of {})</td><th>changed outside masks</th><td{}>{} px</td></tr>\
-         <tr><th>repair iterations</th><td>{:.2}</td><th>clean</th><td>{}</td><th>converged</th><td>{}</td><th>ms per image</th><td>{:.0} (perception {:.0}, reasoning {:.0}, action {:.0})</td></tr></table>\n",
+         <tr><th>repair iterations</th><td>{:.2}</td><th>clean</th><td>{}</td><th>converged</th><td>{}</td><th>ms per image</th><td>{:.0} (perception {:.0}, reasoning {:.0}, action {:.0})</td></tr></table>",
         ratio(l.auc),
         ratio(l.iou),
         ratio(l.recall),
@@ -479,7 +479,7 @@ pub fn render(
 
     html.push_str("<h2>Worst cases</h2>\n");
     for section in sections {
-        let _ = write!(html, "<h3>{}</h3>\n", escape(section.title));
+        let _ = writeln!(html, "<h3>{}</h3>", escape(section.title));
         if section.rows.is_empty() {
             html.push_str("<p class=\"note\">None.</p>\n");
         }
