@@ -10,9 +10,12 @@
 # models/quality/generate.py --splits test, in a venv target/quality/venv made from
 # models/quality/requirements.txt; a few minutes), builds the dev binary, runs
 #   retoucher eval MANIFEST --out target/quality/eval/NAME --bundle DIR
-# for each bundle, and prints the README's tables (scripts/quality-table.py). Each report is in
-# target/quality/eval/NAME/report.html. The screenshot needs Debian's chromium.
+# for each bundle, and prints the README's tables (scripts/quality-table.py) on stdout, progress
+# on stderr. Each report is in target/quality/eval/NAME/report.html. The screenshot needs
+# Debian's chromium.
 set -euo pipefail
+# Progress to stderr: stdout is only the tables.
+exec 3>&1 1>&2
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -68,10 +71,9 @@ if ((screenshot)); then
     echo "==> docs/eval-report.png from $report"
     chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
         --disable-background-networking --disable-component-update --disable-sync \
-        --user-data-dir="$profile" --hide-scrollbars --window-size=1400,2300 \
+        --user-data-dir="$profile" --hide-scrollbars --window-size=1400,2450 \
         --screenshot="$ROOT/docs/eval-report.png" "file://$report" 2>/dev/null
     rm -rf "$profile"
 fi
 
-echo
-python3 scripts/quality-table.py "${tables[@]}"
+python3 scripts/quality-table.py "${tables[@]}" >&3

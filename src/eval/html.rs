@@ -472,7 +472,10 @@ pub fn render(
          <th>PSNR in mask (dB)</th><th>SSIM in mask</th><th>worse</th><th>changed outside (px)</th><th>iterations</th><th>clean share</th></tr>\n",
     );
     html.push_str(&figures_row("all", f));
-    for (class, s) in per_class {
+    // Defect classes first, then the defect-free ones.
+    let mut classes: Vec<(&String, &Summary)> = per_class.iter().collect();
+    classes.sort_by_key(|(c, s)| (s.figures.localisation.defect_images == 0, *c));
+    for (class, s) in classes {
         html.push_str(&figures_row(class, &s.figures));
     }
     html.push_str("</table>\n<p class=\"note\">Definitions: README, section Quality; per image: <a href=\"cases.jsonl\">cases.jsonl</a>; all figures: <a href=\"report.json\">report.json</a>.</p>\n");
