@@ -9,6 +9,7 @@ use clap::Args;
 use super::ModelArgs;
 use crate::app::{self, StorageKind};
 use crate::config::Settings;
+use crate::eval::manifest::Manifest;
 use crate::eval::EvalOptions;
 
 #[derive(Args)]
@@ -32,12 +33,13 @@ pub struct EvalArgs {
 
 /// Exit status 0 when every line of the manifest was evaluated, 1 otherwise.
 pub async fn run(args: EvalArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    let manifest = Manifest::load(&args.manifest, settings.limits.max_prompt_bytes)?;
     let executor = app::executor(&settings, StorageKind::Local).await?;
     let report = crate::eval::evaluate(
         &settings,
         executor,
+        manifest,
         EvalOptions {
-            manifest: args.manifest,
             out: args.out,
             concurrency: args.concurrency,
         },

@@ -38,7 +38,7 @@ pub struct Cli {
 pub enum Command {
     /// Consume jobs from RabbitMQ until SIGTERM/SIGINT, then drain.
     Worker(worker::WorkerArgs),
-    /// Retouch local images, folders or JSONL job files without broker or S3.
+    /// Retouch local images, folders, JSONL job files or evaluation manifests without broker or S3.
     Run(run::RunArgs),
     /// Publish jobs to the queue with publisher confirms.
     Enqueue(enqueue::EnqueueArgs),

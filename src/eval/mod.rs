@@ -35,7 +35,6 @@ const GROUND_TRUTH: &str = "ground-truth.png";
 /// What `eval` was asked to do.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
-    pub manifest: PathBuf,
     pub out: PathBuf,
     /// Images in flight at once (they share the model batchers).
     pub concurrency: usize,
@@ -71,15 +70,16 @@ impl Report {
     }
 }
 
-/// Runs and scores every image of the manifest, writes the report files, and returns the report.
+/// Runs and scores every image of the manifest (read with [`Manifest::load`] before the bundle
+/// is loaded, so a bad path fails at once), writes the report files, and returns the report.
 pub async fn evaluate(
     settings: &Settings,
     executor: Executor,
+    manifest: Manifest,
     options: EvalOptions,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let manifest = Manifest::load(&options.manifest, settings.limits.max_prompt_bytes)?;
-    let source = options.manifest.display().to_string();
+    let source = manifest.path.display().to_string();
     for p in &manifest.problems {
         eprintln!("{source}:{}: {}", p.line, p.reason);
     }
