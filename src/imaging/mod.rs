@@ -592,20 +592,6 @@ pub fn composite(base: &mut RgbImage, patch: &RgbImage, alpha: &[f32]) {
     }
 }
 
-/// The image with the pixels a mask marks (> 127, a ground truth's convention) tinted half
-/// red, for people to see where a mask lies; a mask of another size leaves the image as it is.
-pub fn highlight(image: &RgbImage, mask: &GrayImage) -> RgbImage {
-    let mut out = image.clone();
-    if mask.dimensions() == image.dimensions() {
-        for (p, m) in out.pixels_mut().zip(mask.pixels()) {
-            if m[0] > 127 {
-                p.0 = [p[0] / 2 + 128, p[1] / 2, p[2] / 2];
-            }
-        }
-    }
-    out
-}
-
 /// The bbox `[x, y, w, h]` grown on every side by `margin × max(w, h)` pixels (at least 8),
 /// clamped to a `width`×`height` image: the context an inpainting tool gets around a region.
 /// A bbox starting outside the image is clamped into it first.
@@ -1164,15 +1150,5 @@ mod tests {
             assert_eq!(err.class, ErrorClass::UndecodableImage, "cut at {cut}");
             assert!(err.message.contains("truncated jpeg"), "{}", err.message);
         }
-    }
-
-    #[test]
-    fn highlight_tints_only_the_marked_pixels() {
-        let img = RgbImage::from_pixel(2, 1, image::Rgb([100, 50, 255]));
-        let mask = GrayImage::from_raw(2, 1, vec![128, 127]).unwrap();
-        let out = highlight(&img, &mask);
-        assert_eq!(out.get_pixel(0, 0).0, [178, 25, 127]);
-        assert_eq!(out.get_pixel(1, 0).0, [100, 50, 255]);
-        assert_eq!(highlight(&img, &GrayImage::new(1, 1)), img);
     }
 }
