@@ -21,7 +21,7 @@ use crate::faults::{self, FaultPoint};
 use crate::imaging::{self, DecodedImage, ImageLimits};
 use crate::job::JobOptions;
 use crate::metrics::metrics;
-use crate::pipeline::{self, LoopSettings};
+use crate::pipeline::{self, LoopSettings, Retouched};
 use crate::storage::{Location, Storage};
 
 /// What a job needs from the process: the agents, storage and limits.
@@ -52,6 +52,9 @@ pub struct JobSpec {
 pub struct JobReport {
     pub diagnostics: Diagnostics,
     pub regions: usize,
+    /// The loop's own result: the image as stored, and every perception pass with its float
+    /// saliency map and region masks (the stored files are 8-bit renderings of them).
+    pub retouched: Arc<Retouched>,
 }
 
 impl JobReport {
@@ -274,6 +277,7 @@ impl Executor {
         Ok(JobReport {
             regions: result.region_count(),
             diagnostics,
+            retouched: result,
         })
     }
 }

@@ -3,9 +3,9 @@
 //! Jobs arrive from RabbitMQ ([`broker`], [`worker`]), images come from S3 ([`storage`]), and
 //! the perception → reasoning → action loop ([`pipeline`]) runs three ONNX Runtime-backed
 //! agents ([`agents`]) whose sessions are shared across jobs through dynamic batchers
-//! ([`engine::batcher`]). [`execute`] runs one job end to end for both the worker and the
-//! local `run` command ([`run`]); [`app`] assembles the process for every command of the
-//! command line ([`cli`]).
+//! ([`engine::batcher`]). [`execute`] runs one job end to end for the worker, the local `run`
+//! command ([`run`]) and `eval` ([`eval`], measured quality); [`app`] assembles the process for
+//! every command of the command line ([`cli`]).
 
 pub mod agents;
 pub mod app;
@@ -19,6 +19,7 @@ pub mod diagnostics;
 pub mod engine;
 pub mod enqueue;
 pub mod error;
+pub mod eval;
 pub mod execute;
 pub(crate) mod faults;
 pub(crate) mod imaging;

@@ -1,6 +1,7 @@
-//! `retoucher run`: the embedded default. Processes local images, folders of images or JSONL
-//! files of jobs with the same pipeline and result layout as the worker, with no broker or S3,
-//! and writes an `index.html` contact sheet (original | saliency | retouched, per job).
+//! `retoucher run`: the embedded default. Processes local images, folders of images, JSONL
+//! files of jobs or evaluation manifests (design §4.8) with the same pipeline and result layout
+//! as the worker, with no broker or S3, and writes an `index.html` contact sheet (original |
+//! ground truth, when the job came from a manifest | saliency | retouched, per job).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use futures_util::StreamExt;
 use crate::config::Settings;
 use crate::diagnostics::layout;
 use crate::error::{ErrorClass, JobError};
+use crate::eval::manifest::{Case, Manifest};
 use crate::execute::{Executor, JobReport, JobSpec};
 use crate::job::{validate_job_id, JobMessage, JobOptions};
 use crate::storage::Location;
@@ -20,6 +22,8 @@ use crate::storage::Location;
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub inputs: Vec<PathBuf>,
+    /// Evaluation manifests: each line is a job (its id, image and prompt) with a ground truth.
+    pub manifests: Vec<PathBuf>,
     pub out: PathBuf,
     /// Prompt for inputs that are plain images (JSONL jobs carry their own).
     pub prompt: String,
@@ -35,6 +39,8 @@ struct LocalJob {
     prompt: String,
     options: JobOptions,
     metadata: Option<serde_json::Value>,
+    /// The manifest line it came from, whose mask is the ground truth.
+    case: Option<Case>,
 }
 
 /// One job's line in the summary and the contact sheet.
@@ -43,6 +49,8 @@ pub struct JobLine {
     pub job_id: String,
     pub prompt: String,
     pub input_name: Option<String>,
+    /// File name of the ground-truth picture next to the result set, when the job has one.
+    pub ground_truth: Option<String>,
     pub result: Result<JobReport, JobError>,
 }
 
@@ -64,6 +72,9 @@ impl RunSummary {
 type Rejected = (String, String);
 
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+
+/// The ground truth drawn next to a job's result set.
+const GROUND_TRUTH: &str = "ground-truth.png";
 
 /// A job id from a file name: the stem with anything outside `[A-Za-z0-9._-]` replaced.
 fn job_id_for(path: &Path) -> String {
@@ -107,7 +118,30 @@ fn collect_jobs(
         prompt: options.prompt.clone(),
         options: options.options,
         metadata: None,
+        case: None,
     };
+    for path in &options.manifests {
+        let manifest = Manifest::load(path, settings.limits.max_prompt_bytes)?;
+        rejected.extend(
+            manifest
+                .problems
+                .into_iter()
+                .map(|p| (format!("{}:{}", path.display(), p.line), p.reason)),
+        );
+        jobs.extend(manifest.cases.into_iter().map(|case| {
+            LocalJob {
+                job_id: case.id.clone(),
+                image: case.image.clone(),
+                prompt: case.prompt.clone(),
+                options: options.options,
+                metadata: case
+                    .class
+                    .as_ref()
+                    .map(|c| serde_json::json!({ "class": c })),
+                case: Some(case),
+            }
+        }));
+    }
     for input in &options.inputs {
         if input.is_dir() {
             let mut images: Vec<PathBuf> = std::fs::read_dir(input)
@@ -148,9 +182,10 @@ fn collect_jobs(
                             prompt: m.prompt,
                             options: job_options,
                             metadata: m.metadata,
+                            case: None,
                         })
                     }
-                    Err(e) => rejected.push((source, e.to_string())),
+                    Err(e) => rejected.push((source, with_hint(line, e.to_string()))),
                 }
             }
         } else if input.is_file() {
@@ -176,6 +211,20 @@ fn collect_jobs(
         }
     }
     Ok((jobs, rejected))
+}
+
+/// A job file line that is an evaluation manifest's says where such lines go.
+fn with_hint(line: &str, reason: String) -> String {
+    let manifest_line = serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
+        v.get("job_id").is_none() && v.get("id").is_some() && v.get("mask").is_some()
+    });
+    if manifest_line {
+        format!(
+            "{reason} (this looks like an evaluation manifest line: pass the file with --manifest)"
+        )
+    } else {
+        reason
+    }
 }
 
 /// Runs every job, prints progress to stderr, and writes the contact sheet.
@@ -209,6 +258,7 @@ pub async fn run(
                 job_id,
                 prompt,
                 input_name: None,
+                ground_truth: None,
                 result: Err(JobError::new(
                     ErrorClass::Internal,
                     format!("job task: {e}"),
@@ -262,6 +312,18 @@ async fn run_one(executor: &Executor, out: &Path, job: LocalJob) -> JobLine {
     let copied = std::fs::create_dir_all(out.join(&job.job_id))
         .and_then(|_| std::fs::copy(&job.image, &copy))
         .is_ok();
+    let ground_truth = job.case.as_ref().and_then(|case| {
+        let drawn = crate::eval::ground_truth_png(case).and_then(|png| {
+            Ok(std::fs::write(out.join(&job.job_id).join(GROUND_TRUTH), png)?)
+        });
+        match drawn {
+            Ok(()) => Some(GROUND_TRUTH.to_string()),
+            Err(e) => {
+                tracing::warn!(job_id = %job.job_id, error = %format!("{e:#}"), "ground truth not drawn");
+                None
+            }
+        }
+    });
     let spec = JobSpec {
         job_id: job.job_id.clone(),
         image: Location::File(job.image.clone()),
@@ -280,6 +342,7 @@ async fn run_one(executor: &Executor, out: &Path, job: LocalJob) -> JobLine {
         job_id: job.job_id,
         prompt: job.prompt,
         input_name: copied.then_some(input_name),
+        ground_truth,
         result,
     }
 }
@@ -332,7 +395,8 @@ fn vlm_summary(iteration: usize, vlm: &crate::agents::reasoning::vlm::VlmTrace) 
     )
 }
 
-/// The contact sheet: one row per job, original | saliency | retouched, regions listed.
+/// The contact sheet: one row per job, original | ground truth (when known) | saliency |
+/// retouched, regions listed.
 fn contact_sheet(lines: &[JobLine], rejected: &[(String, String)]) -> String {
     let mut html = String::from(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>retoucher contact sheet</title>\n<style>\n\
@@ -373,6 +437,12 @@ fn contact_sheet(lines: &[JobLine], rejected: &[(String, String)]) -> String {
                     html.push_str(&format!(
                         "<figure><img src=\"{id}/{input}\" alt=\"original\"><figcaption>original ({}×{}, {})</figcaption></figure>",
                         d.input.width, d.input.height, escape(&d.input.format)
+                    ));
+                }
+                if let Some(truth) = &line.ground_truth {
+                    html.push_str(&format!(
+                        "<figure><img src=\"{id}/{}\" alt=\"ground truth\"><figcaption>ground truth (defects tinted red)</figcaption></figure>",
+                        escape(truth)
                     ));
                 }
                 if let Some(first) = d.iterations.first() {
@@ -488,6 +558,7 @@ mod tests {
             job_id: "j".into(),
             prompt: "<script>".into(),
             input_name: None,
+            ground_truth: None,
             result: Err(JobError::invalid("bad <b>")),
         }];
         let html = contact_sheet(&lines, &[]);

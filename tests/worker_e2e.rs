@@ -1,6 +1,7 @@
 //! The worker end to end against the real RabbitMQ, the real S3 server and real ONNX Runtime
-//! sessions on the reference bundle: a published job comes back as a complete result set, an
-//! event, and an acknowledged message; bad jobs land in the dead-letter queue with a reason.
+//! sessions on the reference bundle and the trained `blemish` bundle: a published job comes back
+//! as a complete result set, an event, and an acknowledged message; bad jobs land in the
+//! dead-letter queue with a reason.
 
 mod common;
 
@@ -235,6 +236,185 @@ async fn a_blemished_image_is_retouched_and_a_magenta_prompt_leaves_it_clean() {
     );
     let log = worker.log_text();
     assert!(log.contains(&retouch_id), "logs carry the job id");
+    world.cleanup().await;
+}
+
+/// A CI-slice file of the blemish benchmark.
+fn benchmark_file(name: &str) -> Vec<u8> {
+    let path = repo().join("models/quality/ci-slice").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Mean squared error against `clean` over the pixels of `mask` (> 127).
+fn mse_in(img: &image::RgbImage, clean: &image::RgbImage, mask: &image::GrayImage) -> f64 {
+    let (mut sum, mut n) = (0.0f64, 0.0f64);
+    for ((a, b), m) in img.pixels().zip(clean.pixels()).zip(mask.pixels()) {
+        if m[0] > 127 {
+            for c in 0..3 {
+                sum += (f64::from(a[c]) - f64::from(b[c])).powi(2);
+                n += 1.0;
+            }
+        }
+    }
+    sum / n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trained_blemish_bundle_retouches_benchmark_images_through_the_worker() {
+    let world = World::new().await;
+    let bundle = repo().join("models/blemish");
+    let blotch = "test-00012-china";
+    let coffee = "test-00002-coffee";
+    world
+        .put(
+            &world.input,
+            "bench/china.png",
+            benchmark_file(&format!("{blotch}.png")),
+        )
+        .await;
+    world
+        .put(
+            &world.input,
+            "bench/coffee.png",
+            benchmark_file(&format!("{coffee}.png")),
+        )
+        .await;
+    let mut events = world.events().await;
+    let mut worker = world.start_worker(&[("RETOUCHER__MODELS__BUNDLE", bundle.to_str().unwrap())]);
+
+    // The blotch image with its benchmark prompt; the coffee image, whose painted grain its
+    // benchmark prompt asks for ("a grainy high ISO look"), with that prompt and without it.
+    let blotch_id = unique("blemish-blotch");
+    let grain_id = unique("blemish-grain-asked");
+    let plain_id = unique("blemish-grain-not-asked");
+    let cup = "a red coffee cup and saucer with a spoon";
+    for (id, key, prompt) in [
+        (
+            &blotch_id,
+            "bench/china.png",
+            "a chinese pagoda on a hill above a lake",
+        ),
+        (
+            &grain_id,
+            "bench/coffee.png",
+            &format!("{cup}, a grainy high ISO look"),
+        ),
+        (&plain_id, "bench/coffee.png", cup),
+    ] {
+        world
+            .publish(
+                json!({"job_id": id, "image": format!("s3://{}/{key}", world.input), "prompt": prompt})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .await;
+    }
+    let got = events
+        .wait_for(
+            &[blotch_id.clone(), grain_id.clone(), plain_id.clone()],
+            WAIT,
+        )
+        .await;
+    for (key, event) in &got {
+        assert_eq!(key, "job.succeeded", "{event}");
+    }
+    assert_eq!(got[0].1["status"], "retouched", "{}", got[0].1);
+    assert_eq!(
+        got[1].1["status"], "clean",
+        "the asked-for grain is left: {}",
+        got[1].1
+    );
+    assert_eq!(
+        got[2].1["status"], "retouched",
+        "unasked grain is a defect: {}",
+        got[2].1
+    );
+
+    // The blotch job: the trained bundle's models, settings and categories, a repair confined
+    // to its masks that covers the defect and brings it close to the clean image.
+    let prefix = format!("results/{blotch_id}/");
+    let diagnostics: serde_json::Value = serde_json::from_slice(
+        &world
+            .get(&world.output, &format!("{prefix}diagnostics.json"))
+            .await
+            .expect("diagnostics.json"),
+    )
+    .unwrap();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    let perception_sha = diagnostics["models"]["perception"]["sha256"]
+        .as_str()
+        .unwrap();
+    assert!(
+        manifest.contains(&format!("\"perception.onnx\" = \"{perception_sha}\"")),
+        "the worker ran the blemish perception model ({perception_sha})"
+    );
+    assert_eq!(diagnostics["settings"]["saliency_threshold"], 0.8);
+    let categories = [
+        "warp", "patch", "melt", "blotch", "blur", "noise", "stretch", "text",
+    ];
+    let regions = diagnostics["iterations"][0]["regions"].as_array().unwrap();
+    assert!(!regions.is_empty());
+    for region in regions {
+        let category = region["category"].as_str().unwrap();
+        assert!(categories.contains(&category), "{region}");
+    }
+    let input = decode(&benchmark_file(&format!("{blotch}.png")));
+    let clean = decode(&benchmark_file(&format!("{blotch}-clean.png")));
+    let truth = image::load_from_memory(&benchmark_file(&format!("{blotch}-mask.png")))
+        .unwrap()
+        .to_luma8();
+    let retouched = decode(
+        &world
+            .get(&world.output, &format!("{prefix}retouched.png"))
+            .await
+            .unwrap(),
+    );
+    let edited = edited_area(&world, &prefix, input.width(), input.height()).await;
+    let changed_outside = input
+        .pixels()
+        .zip(retouched.pixels())
+        .zip(&edited)
+        .filter(|((a, b), inside)| !**inside && a != b)
+        .count();
+    assert_eq!(
+        changed_outside, 0,
+        "pixels outside every mask are untouched"
+    );
+    let defect = truth.pixels().filter(|p| p[0] > 127).count();
+    let covered = truth
+        .pixels()
+        .zip(&edited)
+        .filter(|(p, e)| p[0] > 127 && **e)
+        .count();
+    assert!(
+        covered * 10 >= defect * 8,
+        "the masks cover {covered} of the {defect} defect pixels"
+    );
+    let (before, after) = (
+        mse_in(&input, &clean, &truth),
+        mse_in(&retouched, &clean, &truth),
+    );
+    assert!(
+        after * 10.0 < before,
+        "the blotch is repaired: MSE in the defect {before:.1} before, {after:.1} after"
+    );
+
+    // The asked-for grain: untouched.
+    let grain = decode(
+        &world
+            .get(&world.output, &format!("results/{grain_id}/retouched.png"))
+            .await
+            .unwrap(),
+    );
+    assert!(grain == decode(&benchmark_file(&format!("{coffee}.png"))));
+
+    assert!(worker.terminate(), "worker exits 0:\n{}", worker.log_text());
+    assert_eq!(world.ready(&world.queue).await, 0, "queue is empty");
+    assert_eq!(
+        world.ready(&world.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
     world.cleanup().await;
 }
 

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bundle;
 pub mod enqueue;
+pub mod eval;
 pub mod migrate;
 pub mod replay;
 pub mod run;
@@ -38,13 +39,16 @@ pub struct Cli {
 pub enum Command {
     /// Consume jobs from RabbitMQ until SIGTERM/SIGINT, then drain.
     Worker(worker::WorkerArgs),
-    /// Retouch local images, folders or JSONL job files without broker or S3.
+    /// Retouch local images, folders, JSONL job files or evaluation manifests without broker or S3.
     Run(run::RunArgs),
     /// Publish jobs to the queue with publisher confirms.
     Enqueue(enqueue::EnqueueArgs),
     /// Measure throughput and latency of the real pipeline on generated jobs, and the
     /// model-only throughput of the same sessions.
     Bench(bench::BenchArgs),
+    /// Measure quality on a manifest of images with known defects: localisation, restoration,
+    /// harm and the loop, overall and per class (report.json, report.html).
+    Eval(eval::EvalArgs),
     /// Move dead letters back to the jobs queue (all, or by error class or job id), attempts reset.
     Replay(replay::ReplayArgs),
     /// Apply the broker topology (queues, exchanges) kept in migrations/.
@@ -108,6 +112,7 @@ impl Cli {
             }
             Command::Run(args) => overrides.models(&args.models),
             Command::Bench(args) => overrides.models(&args.models),
+            Command::Eval(args) => overrides.models(&args.models),
             Command::Enqueue(args) => overrides.queue(&args.queue),
             Command::Replay(args) => overrides.queue(&args.queue),
             Command::Migrate(args) => overrides.queue(&args.queue),
@@ -118,6 +123,7 @@ impl Cli {
             Command::Worker(args) => worker::run(args, settings).await,
             Command::Run(args) => run::run(args, settings).await,
             Command::Bench(args) => bench::run(args, settings).await,
+            Command::Eval(args) => eval::run(args, settings).await,
             Command::Enqueue(args) => enqueue::run(args, settings).await,
             Command::Replay(args) => replay::run(args, settings).await,
             Command::Migrate(args) => migrate::run(args, settings).await,

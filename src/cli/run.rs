@@ -14,8 +14,12 @@ use crate::job::{JobOptions, MAX_DIFFUSION_STEPS_LIMIT, MAX_ITERATIONS_LIMIT};
 #[derive(Args)]
 pub struct RunArgs {
     /// Images, folders of images, or .jsonl files of v1 jobs (image paths relative to the file).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "manifest")]
     pub inputs: Vec<PathBuf>,
+    /// Evaluation manifest (design §4.8; repeatable): each line runs as a job with its id,
+    /// image and prompt, and the contact sheet shows its ground truth.
+    #[arg(long)]
+    pub manifest: Vec<PathBuf>,
     /// Output folder: one result set per job, plus index.html.
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
@@ -76,6 +80,7 @@ pub async fn run(args: RunArgs, settings: Settings) -> anyhow::Result<ExitCode> 
         executor,
         crate::run::RunOptions {
             inputs: args.inputs,
+            manifests: args.manifest,
             out: args.out,
             prompt: args.prompt,
             concurrency: args.concurrency,
