@@ -62,6 +62,11 @@ pub struct BenchOptions {
     /// Batches per model in the model-only phase.
     #[arg(long, default_value_t = 30)]
     pub model_only_batches: usize,
+    /// Batch size of the model-only phase (capped at each model's max_batch_size) instead of
+    /// the mean batch the run reached: a model's ceiling at a chosen size (e.g. 32, against
+    /// another runtime's figure at 32). The model-only ceiling in jobs/s is then that size's.
+    #[arg(long)]
+    pub model_only_batch_size: Option<usize>,
     /// Go through the real broker and S3 (broker.*, s3.*: inputs go to the first allowed
     /// bucket, results to s3.output) with an in-process worker, instead of local files.
     #[arg(long)]
@@ -252,6 +257,8 @@ fn cpus() -> usize {
 pub struct BenchReport {
     pub bundle: String,
     pub device: String,
+    /// How the sessions were set up: `models.io_binding`, and on CUDA the cuDNN settings.
+    pub engine: String,
     pub image_size: u32,
     pub cpus: usize,
     pub runs: Vec<RunReport>,
@@ -418,6 +425,12 @@ pub async fn bench(settings: &Settings, options: &BenchOptions) -> anyhow::Resul
     Ok(BenchReport {
         bundle: format!("{} {}", bundle.manifest.name, bundle.manifest.version),
         device: settings.models.device.clone(),
+        engine: format!(
+            "io_binding {}, cudnn_conv_search {}, cudnn_max_workspace {}",
+            settings.models.io_binding,
+            settings.models.cudnn_conv_search,
+            settings.models.cudnn_max_workspace
+        ),
         image_size: options.image_size,
         cpus: cpus(),
         runs,
@@ -581,7 +594,10 @@ async fn run_load(
     let mut model_only_seconds_per_job =
         decoder.as_ref().map_or(0.0, |d| d.busy_ms_per_job / 1000.0);
     for (name, stats) in models.iter_mut() {
-        let b = (stats.mean_batch_size.round() as usize).clamp(1, stats.max_batch_size.max(1));
+        let wanted = options
+            .model_only_batch_size
+            .unwrap_or(stats.mean_batch_size.round() as usize);
+        let b = wanted.clamp(1, stats.max_batch_size.max(1));
         let mut per_s = model_only(&agents, &recorder, name, b, options.model_only_batches).await?;
         if per_s == 0.0 && stats.total_inference_ms > 0.0 {
             // A model with a batcher of its own (the VLM's vision encoder) has no probe: its
@@ -846,8 +862,13 @@ async fn through_broker(
 /// The report as a table for people.
 pub fn table(report: &BenchReport) -> String {
     let mut s = format!(
-        "bundle {}, device {}, {}x{} images, {} CPUs\n",
-        report.bundle, report.device, report.image_size, report.image_size, report.cpus
+        "bundle {}, device {} ({}), {}x{} images, {} CPUs\n",
+        report.bundle,
+        report.device,
+        report.engine,
+        report.image_size,
+        report.image_size,
+        report.cpus
     );
     for run in &report.runs {
         s.push_str(&format!(

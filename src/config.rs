@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Device, EngineOptions};
+use crate::engine::staging::IoMode;
+use crate::engine::{ConvSearch, Cudnn, Device, EngineOptions};
 
 const BUILT_IN: &str = include_str!("../config/default.toml");
 
@@ -135,6 +136,9 @@ pub struct ModelSettings {
     pub fallback_to_cpu: bool,
     pub intra_threads: usize,
     pub ort_library: String,
+    pub io_binding: String,
+    pub cudnn_conv_search: String,
+    pub cudnn_max_workspace: bool,
 }
 
 impl ModelSettings {
@@ -146,6 +150,11 @@ impl ModelSettings {
             fallback_to_cpu: self.fallback_to_cpu,
             intra_threads: self.intra_threads,
             ort_library: self.ort_library.clone(),
+            io: IoMode::parse(&self.io_binding)?,
+            cudnn: Cudnn {
+                conv_search: ConvSearch::parse(&self.cudnn_conv_search)?,
+                max_workspace: self.cudnn_max_workspace,
+            },
         })
     }
 }

@@ -49,6 +49,7 @@ fn engine() -> EngineOptions {
         fallback_to_cpu: false,
         intra_threads: 1,
         ort_library: String::new(),
+        ..Default::default()
     }
 }
 

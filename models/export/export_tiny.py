@@ -2,9 +2,9 @@
 """One-off: export a tiny randomly initialised Qwen2.5-VL with PyTorch and compare its ONNX layout
 with models/vlm-reference (not run by CI: it needs torch, a 5.7 GB install here).
 
-    python3 -m venv /work/venvs/vlm/export
-    /work/venvs/vlm/export/bin/pip install -r models/export/requirements.txt
-    /work/venvs/vlm/export/bin/python models/export/export_tiny.py OUT_DIR
+    python3 -m venv .tools/vlm-export
+    .tools/vlm-export/bin/pip install -r models/export/requirements.txt
+    .tools/vlm-export/bin/python models/export/export_tiny.py OUT_DIR
 
 Exports the text decoder with its KV cache (`decoder_model_merged.onnx`), the token embedding and
 the vision encoder with the TorchScript exporter, then with onnxruntime: checks that the decoder's

@@ -16,6 +16,7 @@ use super::ModelInfo;
 use crate::bundle::Bundle;
 use crate::config::BatchingOverride;
 use crate::engine::batcher::{BatchError, BatchObserver, BatchSettings, Batcher};
+use crate::engine::staging::IoPlan;
 use crate::engine::{load_session, EngineOptions, OnnxModel, Signature, TensorData};
 use crate::error::{ErrorClass, JobError};
 
@@ -157,6 +158,10 @@ impl LoadContext<'_> {
         probe: Vec<TensorData>,
         output_len: usize,
     ) -> ServedModel {
+        let model = model.with_io(IoPlan {
+            mode: self.engine.io,
+            device: self.engine.device,
+        });
         let mut settings = self.batch_settings(role);
         if !model.dynamic_batch {
             settings.max_batch_size = 1;

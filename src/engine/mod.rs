@@ -10,6 +10,7 @@
 pub mod batcher;
 pub(crate) mod failure;
 pub mod kv;
+pub mod staging;
 pub mod tensor;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,9 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context};
 use ort::session::Session;
-use ort::value::{Tensor, ValueType};
+use ort::value::{TensorElementType, ValueType};
+
+use staging::{Feed, IoPlan, Staging};
 
 /// Runs CPU-heavy pre- or post-processing (resizing, connected components, compositing) so that
 /// it does not stall the async threads that move every other job along: on a multi-threaded
@@ -31,8 +34,9 @@ pub fn cpu_bound<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Where models run (`models.device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
+    #[default]
     Cpu,
     Cuda(i32),
 }
@@ -44,6 +48,10 @@ impl Device {
             "cuda" => Ok(Device::Cuda(0)),
             other => match other.strip_prefix("cuda:").map(str::parse::<i32>) {
                 Some(Ok(n)) if n >= 0 => Ok(Device::Cuda(n)),
+                _ if other.starts_with("cuda:") || other.contains(',') => bail!(
+                    "models.device must be cpu, cuda or cuda:N, got {other:?}: a worker drives one \
+                     GPU; run one worker per GPU (deploy/README.md, \"Several GPUs in one machine\")"
+                ),
                 _ => bail!("models.device must be cpu, cuda or cuda:N, got {other:?}"),
             },
         }
@@ -60,13 +68,59 @@ impl std::fmt::Display for Device {
 }
 
 /// How sessions are created.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     pub device: Device,
     pub fallback_to_cpu: bool,
     pub intra_threads: usize,
     /// `models.ort_library`; empty = `ORT_DYLIB_PATH`, then `.tools/ort/`.
     pub ort_library: String,
+    /// `models.io_binding`: how batches reach the sessions (see [`staging`]).
+    pub io: staging::IoMode,
+    /// `models.cudnn_conv_search` and `models.cudnn_max_workspace` (CUDA only).
+    pub cudnn: Cudnn,
+}
+
+/// cuDNN's convolution settings for the CUDA provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cudnn {
+    /// How a convolution algorithm is chosen for each new input shape.
+    pub conv_search: ConvSearch,
+    /// Let cuDNN use as much workspace as the fastest algorithm wants (ONNX Runtime's default).
+    pub max_workspace: bool,
+}
+
+impl Default for Cudnn {
+    fn default() -> Cudnn {
+        Cudnn {
+            conv_search: ConvSearch::Heuristic,
+            max_workspace: true,
+        }
+    }
+}
+
+/// `models.cudnn_conv_search`. Dynamic batching feeds many batch sizes, and `exhaustive`
+/// benchmarks every algorithm at each new input shape: hundreds of milliseconds on the first
+/// batch of every size (paid in the warm-up on a GPU, which runs every size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvSearch {
+    Heuristic,
+    Exhaustive,
+    /// cuDNN's default algorithm, no search at all.
+    Default,
+}
+
+impl ConvSearch {
+    pub fn parse(text: &str) -> anyhow::Result<ConvSearch> {
+        match text.trim() {
+            "heuristic" => Ok(ConvSearch::Heuristic),
+            "exhaustive" => Ok(ConvSearch::Exhaustive),
+            "default" => Ok(ConvSearch::Default),
+            other => bail!(
+                "models.cudnn_conv_search must be heuristic, exhaustive or default, got {other:?}"
+            ),
+        }
+    }
 }
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
@@ -169,7 +223,7 @@ fn build_session(
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     if let Device::Cuda(id) = options.device {
-        builder = with_cuda(builder, id, options.fallback_to_cpu)?;
+        builder = with_cuda(builder, id, options)?;
     }
     builder
         .commit_from_file(path)
@@ -180,16 +234,23 @@ fn build_session(
 fn with_cuda(
     builder: ort::session::builder::SessionBuilder,
     id: i32,
-    fallback_to_cpu: bool,
+    options: &EngineOptions,
 ) -> anyhow::Result<ort::session::builder::SessionBuilder> {
-    // Dynamic batching feeds many batch sizes: an exhaustive cuDNN search per new input shape
-    // would stall the first batches of every size for hundreds of milliseconds.
+    use ort::ep::cuda::ConvAlgorithmSearch;
+    let search = match options.cudnn.conv_search {
+        ConvSearch::Heuristic => ConvAlgorithmSearch::Heuristic,
+        ConvSearch::Exhaustive => ConvAlgorithmSearch::Exhaustive,
+        ConvSearch::Default => ConvAlgorithmSearch::Default,
+    };
+    // ONNX Runtime's own CUDA graphs (`enable_cuda_graph`) are not used: they replay one
+    // captured shape at fixed bound addresses, and dynamic batching runs every batch size.
     let ep = ort::ep::CUDA::default()
         .with_device_id(id)
-        .with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic)
+        .with_conv_algorithm_search(search)
+        .with_conv_max_workspace(options.cudnn.max_workspace)
         .build();
     // Without error_on_failure a failed registration silently runs on the CPU.
-    let ep = if fallback_to_cpu {
+    let ep = if options.fallback_to_cpu {
         ep
     } else {
         ep.error_on_failure()
@@ -207,9 +268,9 @@ fn with_cuda(
 fn with_cuda(
     builder: ort::session::builder::SessionBuilder,
     id: i32,
-    fallback_to_cpu: bool,
+    options: &EngineOptions,
 ) -> anyhow::Result<ort::session::builder::SessionBuilder> {
-    if fallback_to_cpu {
+    if options.fallback_to_cpu {
         tracing::warn!(
             device = id,
             "built without the cuda feature: running on the CPU"
@@ -394,7 +455,9 @@ impl Signature {
                 ));
             }
             if let Some(item) = probe.get(j) {
-                if item.element() != declared.element {
+                // f32 items feed f16 inputs too (converted as they are staged).
+                let widened = item.element() == "f32" && declared.element == "f16";
+                if item.element() != declared.element && !widened {
                     problems.push(format!(
                         "input {:?} is {}, the agent feeds {}",
                         spec.name,
@@ -414,9 +477,9 @@ impl Signature {
             }
         }
         let output = &self.output;
-        if output.element != "f32" {
+        if output.element != "f32" && output.element != "f16" {
             problems.push(format!(
-                "output {:?} is {}, the agent reads f32",
+                "output {:?} is {}, the agent reads f32 (or f16, widened)",
                 output.name, output.element
             ));
         }
@@ -465,6 +528,10 @@ pub struct OnnxModel {
     rows_per_item: usize,
     /// By input: given once per call (not stacked along the batch).
     shared: Vec<bool>,
+    /// By input: the element type the session declares (f32 items feed f16 inputs too).
+    declared: Vec<TensorElementType>,
+    /// The reusable buffers batches are packed into, and how they reach the session.
+    staging: Staging,
 }
 
 impl OnnxModel {
@@ -500,6 +567,20 @@ impl OnnxModel {
             })
             .unwrap_or(true);
         let shared = vec![false; inputs.len()];
+        let declared = inputs
+            .iter()
+            .map(|spec| {
+                let input = session.inputs().iter().find(|i| i.name() == spec.name);
+                match input.map(|i| i.dtype()) {
+                    Some(ValueType::Tensor { ty, .. }) => Ok(*ty),
+                    _ => Err(anyhow::anyhow!(
+                        "model {model} input {:?} is not a tensor",
+                        spec.name
+                    )),
+                }
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let staging = Staging::new(IoPlan::default(), inputs.len());
         Ok(OnnxModel {
             session,
             inputs,
@@ -508,7 +589,27 @@ impl OnnxModel {
             dynamic_batch,
             rows_per_item: 1,
             shared,
+            declared,
+            staging,
         })
+    }
+
+    /// Stages batches as `plan` says (pinned buffers and IO binding on CUDA; see
+    /// [`staging`]). The default is host buffers and plain runs.
+    pub fn with_io(mut self, plan: IoPlan) -> OnnxModel {
+        self.staging = Staging::new(plan, self.inputs.len());
+        self
+    }
+
+    /// How this model's batches reach its session.
+    pub fn io_plan(&self) -> IoPlan {
+        self.staging.plan()
+    }
+
+    /// Host bytes held by its staging buffers, and whether they are pinned: after the first
+    /// call at the largest batch they stop growing (no allocation per call).
+    pub fn staging_bytes(&self) -> (usize, bool) {
+        (self.staging.held_bytes(), self.staging.is_pinned())
     }
 
     /// Each item carries `rows` consecutive rows of the batch in every stacked input (its data
@@ -593,11 +694,16 @@ impl OnnxModel {
         Ok(outputs)
     }
 
-    /// One session call on `items`.
+    /// One session call on `items`: each input packed into its staging buffer (one copy,
+    /// converted to the declared element type), the session run on views of them, the output
+    /// split per item.
     fn run_call(&mut self, items: &[&Vec<TensorData>]) -> anyhow::Result<Vec<Vec<f32>>> {
         let n = items.len();
         let rows = n * self.rows_per_item;
-        let mut values: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(self.inputs.len());
+        let Some(first) = items.first() else {
+            bail!("an empty batch");
+        };
+        let mut calls: Vec<(&str, Feed, Vec<i64>)> = Vec::with_capacity(self.inputs.len());
         for (j, spec) in self.inputs.iter().enumerate() {
             let per_row: usize = spec.item_shape.iter().product::<i64>().max(0) as usize;
             let (shape, per_item, count) = if self.shared[j] {
@@ -607,49 +713,36 @@ impl OnnxModel {
                 shape.extend(&spec.item_shape);
                 (shape, per_row * self.rows_per_item, n)
             };
-            let Some(first) = items.first().map(|item| &item[j]) else {
-                bail!("an empty batch");
-            };
-            let wrong = |item: &TensorData| {
-                anyhow::anyhow!(
-                    "batch item has {} {} values for {}, expected {per_item} {}",
-                    item.len(),
-                    item.element(),
+            let fed = &first[j];
+            let Some(feed) = Feed::of(self.declared[j], fed) else {
+                bail!(
+                    "input {} is {}, the agent feeds {}",
                     spec.name,
-                    first.element()
+                    self.declared[j],
+                    fed.element()
+                );
+            };
+            self.staging
+                .fill(
+                    &self.session,
+                    j,
+                    feed,
+                    items[..count].iter().map(|item| &item[j]),
+                    per_item,
                 )
-            };
-            macro_rules! stack {
-                ($variant:ident) => {{
-                    let mut data = Vec::with_capacity(count * per_item);
-                    for item in &items[..count] {
-                        match &item[j] {
-                            TensorData::$variant(v) if v.len() == per_item => {
-                                data.extend_from_slice(v)
-                            }
-                            other => return Err(wrong(other)),
-                        }
-                    }
-                    Tensor::from_array((shape, data))?.into_dyn()
-                }};
-            }
-            let value = match first {
-                TensorData::F32(_) => stack!(F32),
-                TensorData::I64(_) => stack!(I64),
-                TensorData::I32(_) => stack!(I32),
-            };
-            values.push((spec.name.clone(), value));
+                .with_context(|| format!("input {}", spec.name))?;
+            calls.push((spec.name.as_str(), feed, shape));
         }
-        let outputs = self.session.run(values)?;
-        let (shape, data) = outputs[self.output.as_str()].try_extract_tensor::<f32>()?;
-        let per_item = data.len().checked_div(n).unwrap_or(0);
-        if shape.first() != Some(&(rows as i64)) || per_item * n != data.len() {
+        let outputs = self.staging.run(&mut self.session, &calls, &self.output)?;
+        let (shape, per_item) = staging::split_f32(&outputs[self.output.as_str()], n)
+            .with_context(|| format!("output {}", self.output))?;
+        if shape.first() != Some(&(rows as i64)) {
             bail!(
                 "output {} has shape {shape:?} for a batch of {rows} rows",
                 self.output
             );
         }
-        Ok(data.chunks(per_item.max(1)).map(<[f32]>::to_vec).collect())
+        Ok(per_item)
     }
 
     /// The output's shape per item (without the batch dimension), as declared by the model.
@@ -720,7 +813,7 @@ mod tests {
             ],
             shared: vec![false; 3],
             rows_per_item: 1,
-            output: declared("saliency", "f16", &[-1, 1, 256, 256]),
+            output: declared("saliency", "i64", &[-1, 1, 256, 256]),
         };
         let probe = [
             TensorData::F32(vec![0.0; 3 * 256 * 256]),
@@ -733,7 +826,7 @@ mod tests {
             "model m.onnx input \"input_ids\" is i32, the agent feeds i64",
             "model m.onnx input \"attention_mask\" has rank 1 [?], the agent feeds rank 2 [N, 32]",
             "model m.onnx needs input \"position_ids\", which the agent does not feed (it feeds [\"pixel_values\", \"input_ids\", \"attention_mask\"])",
-            "model m.onnx output \"saliency\" is f16, the agent reads f32",
+            "model m.onnx output \"saliency\" is i64, the agent reads f32 (or f16, widened)",
             "model m.onnx output \"saliency\" has shape [?, 1, 256, 256]: 65536 values per item, the agent expects 65537",
         ];
         assert_eq!(problems, want);
@@ -749,6 +842,18 @@ mod tests {
             ..signature
         };
         assert_eq!(good.problems(&probe, 7), Vec::<String>::new());
+        // An fp16 export keeping f16 at its edges: f32 items are converted as they are staged,
+        // the f16 output widened.
+        let half = Signature {
+            declared_inputs: vec![
+                declared("pixel_values", "f16", &[-1, 3, 256, 256]),
+                declared("input_ids", "i64", &[-1, -1]),
+                declared("attention_mask", "i64", &[-1, -1]),
+            ],
+            output: declared("saliency", "f16", &[-1, 1, -1, -1]),
+            ..good.clone()
+        };
+        assert_eq!(half.problems(&probe, 7), Vec::<String>::new());
 
         // An input given once per call is declared without a batch dimension; items of two rows
         // read two rows of output each.
@@ -793,5 +898,8 @@ mod tests {
         assert_eq!(Device::parse("cuda:3").unwrap(), Device::Cuda(3));
         assert!(Device::parse("cuda:-1").is_err());
         assert!(Device::parse("gpu").is_err());
+        let all = Device::parse("cuda:all").unwrap_err().to_string();
+        assert!(all.contains("one worker per GPU"), "{all}");
+        assert!(Device::parse("cuda:0,1").is_err());
     }
 }

@@ -1107,6 +1107,7 @@ pub fn cpu_engine(intra_threads: usize) -> retoucher::engine::EngineOptions {
         fallback_to_cpu: false,
         intra_threads,
         ort_library: String::new(),
+        ..Default::default()
     }
 }
 
