@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import importlib.util
 import json
 import logging
@@ -86,6 +85,8 @@ from onnx import TensorProto, numpy_helper
 
 import onnxruntime as ort
 from onnxruntime.transformers import float16 as ort_float16
+
+from write_bundle import sha256_file  # same folder: the bundle writers share it
 
 MANIFEST = "bundle.toml"
 TWO_GB = 2**31 - 2**26            # save with external data beyond this (protobuf's 2 GB limit, with margin)
@@ -137,14 +138,6 @@ def model_roles(manifest: dict, root: str) -> list[tuple[str, str]]:
 
 def selected(role: str, only: list[str] | None) -> bool:
     return only is None or role in only or role.split("/")[0] in only
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def external_files(model: onnx.ModelProto) -> list[str]:
