@@ -268,8 +268,9 @@ fn a_small_manifest_gets_every_figure_and_each_bad_line_is_named() {
 /// reference bundle, which does not know these defects, falling far below them.
 ///
 /// Measured on the slice (scripts/quality.sh --ci-slice): AUC 0.9257, IoU 0.4376, recall 0.9167
-/// (33 of 36 defects), false-positive area 1.01 %, PSNR in the mask 16.92 → 19.04 dB, SSIM in
-/// the mask 0.4579 → 0.4835, worse share 0.625 (15 of 24), nothing changed outside the masks.
+/// (33 of 36 defects), false-positive area 1.01 %, PSNR in the mask 16.92 → 19.09 dB, SSIM in
+/// the mask 0.4579 → 0.4828, worse share 0.625 (15 of 24), nothing changed outside the masks
+/// (tool routing chosen on the validation split: noise and text to patchmatch).
 /// The noise: 1, 4 or 8 images in flight and 1 or all ONNX Runtime threads moved the AUC by
 /// 4e-7 and nothing else; τ moved by ±0.02 (a stand-in for saliency rounding differently on
 /// another machine, far larger than that) moved IoU by 0.0002, recall by one defect, the
