@@ -30,6 +30,8 @@
 //! id starts with the prefix (any job's request without one); calls made outside jobs (warm-up,
 //! `bench`'s model-only phase) never match. So `fail@model.perception:poison-` is a poison input
 //! that fails every batch it is in, and `oom=2@model.inpaint` two transient failures in a row.
+//! The VLM decoder's batched decode steps are `model.decoder`, its per-sequence prefills
+//! `model.prefill`.
 
 use std::fmt;
 use std::future::Future;

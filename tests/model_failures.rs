@@ -5,7 +5,11 @@
 //! - a model that keeps failing makes the worker not ready (`/readyz` 503, `retoucher_ready` 0,
 //!   `retoucher_model_healthy` 0), its job fails with the transient class `model_unavailable`
 //!   and is retried through the delay queues, and the first call that succeeds makes the worker
-//!   ready again.
+//!   ready again;
+//! - the VLM decoder's continuous batch (`models/vlm-reference`) likewise: a sequence whose
+//!   decode steps fail fails alone (`model_error`) while the sequences decoded with it finish
+//!   with exactly the pixels of a run without faults, and a transient failure of a step is
+//!   recovered by stepping each sequence alone.
 
 mod common;
 
@@ -217,4 +221,119 @@ async fn a_failing_model_makes_the_worker_not_ready_until_a_call_succeeds() {
     );
     drop(worker);
     world.cleanup().await;
+}
+
+/// Runs `retoucher run` with the VLM test bundle on `ids` (all the same image and prompt, so
+/// their answers are equal) started together, decode batches of up to four sequences.
+fn run_vlm_jobs(dir: &Path, ids: &[&str], faults: &str) -> (bool, String) {
+    let image = repo().join("models/vlm-reference/images/magenta-224.png");
+    std::fs::copy(&image, dir.join("in.png")).unwrap();
+    let lines: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            json!({"job_id": id, "image": "in.png",
+                   "prompt": "a violinist with six fingers on his hand, cinematic light",
+                   "options": {"max_iterations": 1}})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("jobs.jsonl"), lines.join("\n")).unwrap();
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_retoucher"))
+            .arg("run")
+            .arg(dir.join("jobs.jsonl"))
+            .arg("--out")
+            .arg(dir.join("out"))
+            .args(["--bundle", &path_str(&repo().join("models/vlm-reference"))])
+            .args(["--concurrency", &ids.len().to_string()])
+            .args(["--set", "batching.decoder.max_batch_size=4"])
+            .args(["--set", "batching.decoder.retry_backoff_ms=1"])
+            .env("RETOUCHER_FAULTS", faults)
+            .env("RUST_LOG", "warn"),
+        Duration::from_secs(300),
+    );
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The log without its colour codes.
+fn without_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn retouched(dir: &Path, id: &str) -> Vec<u8> {
+    std::fs::read(dir.join("out").join(id).join("retouched.png"))
+        .unwrap_or_else(|e| panic!("{id}: no retouched.png: {e}"))
+}
+
+#[test]
+fn a_failing_sequence_leaves_the_decode_batch_and_the_others_finish_unchanged() {
+    let clean = tempfile::tempdir().unwrap();
+    let ids = ["seq-0", "seq-1", "poison-2", "seq-3"];
+    let (ok, stderr) = run_vlm_jobs(clean.path(), &ids, "");
+    assert!(ok, "the run without faults:\n{stderr}");
+
+    // Every decode step with the poison sequence in it fails (permanently).
+    let faulted = tempfile::tempdir().unwrap();
+    let (ok, stderr) = run_vlm_jobs(faulted.path(), &ids, "fail@model.decoder:poison-");
+    assert!(!ok, "a failed job makes `run` exit 1:\n{stderr}");
+    assert!(
+        stderr.contains("poison-2: failed: model_error: model decoder: injected fault"),
+        "{stderr}"
+    );
+    let plain = without_ansi(&stderr);
+    assert!(
+        plain.contains("stepping each sequence alone model=decoder sequences=4"),
+        "the failed step was the batch of four, split per sequence:\n{plain}"
+    );
+    assert!(!has_result(faulted.path(), "poison-2"));
+    for id in ["seq-0", "seq-1", "seq-3"] {
+        assert!(
+            retouched(faulted.path(), id) == retouched(clean.path(), id),
+            "{id}: its answer changed when its batch-mate failed\n{stderr}"
+        );
+    }
+
+    // One transient failure (out of memory) of a step: each sequence is stepped alone, and
+    // every job ends as without faults.
+    let transient = tempfile::tempdir().unwrap();
+    let (ok, stderr) = run_vlm_jobs(transient.path(), &ids, "oom=1@model.decoder");
+    assert!(ok, "{stderr}");
+    assert_eq!(injected(&stderr), 1, "{stderr}");
+    for id in ids {
+        assert!(
+            retouched(transient.path(), id) == retouched(clean.path(), id),
+            "{id}\n{stderr}"
+        );
+    }
+
+    // A prefill that fails transiently twice is retried and succeeds; one that keeps failing
+    // is the job's transient `model_unavailable` (retried later by the worker).
+    let prefill = tempfile::tempdir().unwrap();
+    let (ok, stderr) = run_vlm_jobs(prefill.path(), &["p-0"], "oom=2@model.prefill");
+    assert!(ok, "{stderr}");
+    assert_eq!(injected(&stderr), 2, "{stderr}");
+    assert!(retouched(prefill.path(), "p-0") == retouched(clean.path(), "seq-0"));
+    let sick = tempfile::tempdir().unwrap();
+    let (ok, stderr) = run_vlm_jobs(sick.path(), &["sick-0"], "oom@model.prefill");
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("sick-0: failed: model_unavailable: model decoder: injected fault"),
+        "{stderr}"
+    );
 }

@@ -287,6 +287,8 @@ async fn scheduled(
         max_active,
         max_kv_bytes: 1 << 30,
         max_queue: 64,
+        retries: 0,
+        retry_backoff: std::time::Duration::ZERO,
     };
     let mut scheduler = Scheduler::new(
         "decoder",

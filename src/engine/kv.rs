@@ -266,6 +266,11 @@ impl KvBatch {
         Ok(())
     }
 
+    /// Row `r` alone, as a batch of one, as wide as its own length.
+    pub fn row(&self, r: usize) -> KvBatch {
+        KvBatch::gather(self.layout, &[(self, r)], self.lengths[r])
+    }
+
     /// Keeps the rows where `keep` is true (sequences that go on), in order, and drops the
     /// leading columns no kept row uses any more.
     pub fn retain(&mut self, keep: &[bool]) {

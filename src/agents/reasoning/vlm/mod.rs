@@ -202,6 +202,8 @@ impl Vlm {
             max_active: batch.max_batch_size,
             max_kv_bytes: ctx.kv_budget(ModelRole::Decoder),
             max_queue: batch.max_queue,
+            retries: batch.retries,
+            retry_backoff: batch.retry_backoff,
         };
         tracing::info!(
             layers = layout.kv.layers,
@@ -346,11 +348,14 @@ impl Vlm {
             prompt,
         };
         let prompt_tokens = request.prompt.ids.len();
-        let generation = self
-            .decoder
-            .generate(request)
-            .await
-            .map_err(|e| model_error(format!("model {}: {e}", ModelRole::Decoder.as_str())))?;
+        let generation = self.decoder.generate(request).await.map_err(|failure| {
+            let message = format!("model {}: {failure}", ModelRole::Decoder.as_str());
+            if failure.transient {
+                JobError::new(ErrorClass::ModelUnavailable, message)
+            } else {
+                model_error(message)
+            }
+        })?;
         let body = match generation.stop_reason {
             StopReason::StopToken => &generation.ids[..generation.ids.len().saturating_sub(1)],
             StopReason::MaxNewTokens => &generation.ids[..],

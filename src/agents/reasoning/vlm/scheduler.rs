@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::decoder::{DecoderModel, Prompt};
 use crate::engine::batcher::{spawn_model_thread, BatchObserver, DecoderEvent};
+use crate::engine::failure::{self, ModelFailure};
 use crate::engine::kv::KvBatch;
 
 /// Limits of the running batch (`batching.decoder.*`).
@@ -30,6 +31,10 @@ pub struct SchedulerSettings {
     pub max_kv_bytes: u64,
     /// Sequences that may wait for admission before callers are held back (`max_queue`).
     pub max_queue: usize,
+    /// Retries of a call that failed for a transient reason (out of memory, device busy),
+    /// after `retry_backoff`, doubling (`retries`, `retry_backoff_ms`).
+    pub retries: u32,
+    pub retry_backoff: Duration,
 }
 
 /// One sequence to generate.
@@ -78,17 +83,21 @@ pub struct Generation {
     pub mean_batch: f64,
 }
 
-type Reply = oneshot::Sender<Result<Generation, String>>;
+/// A sequence's answer, or why the model could not give it (transient: it may later).
+pub type Reply = oneshot::Sender<Result<Generation, ModelFailure>>;
 
 struct Waiting {
     request: SequenceRequest,
     enqueued: Instant,
     reply: Reply,
+    /// The job it belongs to (for fault injection; `None` without faults).
+    job: Option<Arc<str>>,
 }
 
 /// A sequence in the running batch (its row of the cache has the same index).
 struct Active {
     label: String,
+    job: Option<Arc<str>>,
     generated: Vec<u32>,
     rope_delta: i64,
     max_new_tokens: usize,
@@ -181,10 +190,20 @@ impl Scheduler {
 
     /// Queues a sequence; its result goes to `reply`.
     pub fn enqueue(&mut self, request: SequenceRequest, enqueued: Instant, reply: Reply) {
-        self.waiting.push_back(Waiting {
+        self.submit(Submitted {
             request,
             enqueued,
             reply,
+            job: None,
+        });
+    }
+
+    fn submit(&mut self, submitted: Submitted) {
+        self.waiting.push_back(Waiting {
+            request: submitted.request,
+            enqueued: submitted.enqueued,
+            reply: submitted.reply,
+            job: submitted.job,
         });
     }
 
@@ -253,17 +272,29 @@ impl Scheduler {
             request,
             enqueued,
             reply,
+            job,
         } = waiting;
         let started = Instant::now();
         let prompt_tokens = request.prompt.ids.len();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.model.prefill(&request.prompt)
-        }))
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the decoder panicked")));
+        let jobs = [job.clone()];
+        let mut result = self.prefill_call(&request.prompt, &jobs);
+        let mut pause = self.settings.retry_backoff;
+        for _ in 0..self.settings.retries {
+            match &result {
+                Err(f) if f.transient => {
+                    std::thread::sleep(pause);
+                    pause = pause.saturating_mul(2);
+                    result = self.prefill_call(&request.prompt, &jobs);
+                }
+                _ => break,
+            }
+        }
         let (token, cache) = match result {
             Ok(done) => done,
-            Err(e) => {
-                let _ = reply.send(Err(format!("{e:#}")));
+            Err(failure) => {
+                tracing::warn!(model = %self.name, sequence = %request.label,
+                    transient = failure.transient, error = %failure.message, "prefill failed");
+                let _ = reply.send(Err(failure));
                 self.observer
                     .decoder(&self.name, &DecoderEvent::Finished { generated: 0 });
                 return false;
@@ -286,6 +317,7 @@ impl Scheduler {
         );
         let active = Active {
             label: request.label,
+            job,
             generated: vec![token],
             rope_delta: request.prompt.positions.rope_delta,
             max_new_tokens: request.max_new_tokens.max(1),
@@ -306,7 +338,9 @@ impl Scheduler {
                     true
                 }
                 Err(e) => {
-                    let _ = active.reply.send(Err(format!("{e:#}")));
+                    let _ = active
+                        .reply
+                        .send(Err(ModelFailure::permanent(format!("{e:#}"))));
                     false
                 }
             },
@@ -368,11 +402,16 @@ impl Scheduler {
             .map(|a| i64::from(a.generated.last().copied().unwrap_or(0)))
             .collect();
         let deltas: Vec<i64> = self.active.iter().map(|a| a.rope_delta).collect();
+        let jobs: Vec<Option<Arc<str>>> = self.active.iter().map(|a| a.job.clone()).collect();
         let started = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.model.step(&mut self.cache, &tokens, &deltas)
-        }))
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the decoder panicked")));
+        let result = Self::step_call(
+            &mut self.model,
+            &self.name,
+            &mut self.cache,
+            &tokens,
+            &deltas,
+            &jobs,
+        );
         let took = started.elapsed();
         self.observer.decoder(
             &self.name,
@@ -383,18 +422,10 @@ impl Scheduler {
         );
         let next = match result {
             Ok(next) => next,
-            Err(e) => {
-                // The batch's state is unknown after a failed call: every sequence in it fails.
-                let message = format!("{e:#}");
-                for seq in self.active.drain(..) {
-                    let _ = seq.reply.send(Err(message.clone()));
-                    self.observer
-                        .decoder(&self.name, &DecoderEvent::Finished { generated: 0 });
-                }
-                self.cache = KvBatch::empty(self.model.kv);
-                self.report_load();
-                return batch;
-            }
+            Err(failure) => match self.recover(failure, &tokens, &deltas, &jobs) {
+                Some(next) => next,
+                None => return batch,
+            },
         };
         let mut keep = Vec::with_capacity(batch);
         let mut done = Vec::new();
@@ -433,11 +464,140 @@ impl Scheduler {
     }
 }
 
+impl Scheduler {
+    /// One prefill call (unless a fault is injected), panics and errors classified.
+    fn prefill_call(
+        &mut self,
+        prompt: &Prompt,
+        jobs: &[Option<Arc<str>>],
+    ) -> Result<(u32, KvBatch), ModelFailure> {
+        if let Some(fault) = crate::faults::model_call(PREFILL, jobs) {
+            return Err(failure::injected(fault, PREFILL));
+        }
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.prefill(prompt)))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the decoder panicked")))
+            .map_err(|e| ModelFailure::of(&e))
+    }
+
+    /// One decode step of `cache`'s rows (unless a fault is injected). A failed call leaves
+    /// the cache as it was: the runtime's outputs are appended only after it succeeds.
+    fn step_call(
+        model: &mut DecoderModel,
+        name: &str,
+        cache: &mut KvBatch,
+        tokens: &[i64],
+        deltas: &[i64],
+        jobs: &[Option<Arc<str>>],
+    ) -> Result<Vec<u32>, ModelFailure> {
+        if let Some(fault) = crate::faults::model_call(name, jobs) {
+            return Err(failure::injected(fault, name));
+        }
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.step(cache, tokens, deltas)
+        }))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the decoder panicked")))
+        .map_err(|e| ModelFailure::of(&e))
+    }
+
+    /// After a failed step of the whole batch: each sequence's row is stepped alone (a
+    /// transient failure retried after a pause, doubling), so that only a sequence that fails
+    /// alone fails, as on the batchers' path. Returns the next token of every active sequence,
+    /// the cache advanced, with the failed ones removed and answered; `None` when none is left.
+    fn recover(
+        &mut self,
+        failure: ModelFailure,
+        tokens: &[i64],
+        deltas: &[i64],
+        jobs: &[Option<Arc<str>>],
+    ) -> Option<Vec<u32>> {
+        tracing::warn!(model = %self.name, sequences = tokens.len(), transient = failure.transient,
+            error = %failure.message, "decode step failed: stepping each sequence alone");
+        let mut rows: Vec<Result<(u32, KvBatch), ModelFailure>> = Vec::with_capacity(tokens.len());
+        for r in 0..tokens.len() {
+            let mut last = if tokens.len() == 1 {
+                Err(failure.clone())
+            } else {
+                let mut row = self.cache.row(r);
+                Self::step_call(
+                    &mut self.model,
+                    &self.name,
+                    &mut row,
+                    &tokens[r..=r],
+                    &deltas[r..=r],
+                    &jobs[r..=r],
+                )
+                .map(|next| (next[0], row))
+            };
+            let mut pause = self.settings.retry_backoff;
+            for _ in 0..self.settings.retries {
+                match &last {
+                    Err(f) if f.transient => {
+                        std::thread::sleep(pause);
+                        pause = pause.saturating_mul(2);
+                        let mut row = self.cache.row(r);
+                        last = Self::step_call(
+                            &mut self.model,
+                            &self.name,
+                            &mut row,
+                            &tokens[r..=r],
+                            &deltas[r..=r],
+                            &jobs[r..=r],
+                        )
+                        .map(|next| (next[0], row));
+                    }
+                    _ => break,
+                }
+            }
+            rows.push(last);
+        }
+        let mut cache = KvBatch::empty(self.model.kv);
+        let mut next = Vec::new();
+        let mut kept = Vec::new();
+        for (seq, row) in std::mem::take(&mut self.active).into_iter().zip(rows) {
+            match row.and_then(|(token, row)| {
+                cache
+                    .join(row)
+                    .map(|()| token)
+                    .map_err(|e| ModelFailure::permanent(format!("{e:#}")))
+            }) {
+                Ok(token) => {
+                    next.push(token);
+                    kept.push(seq);
+                }
+                Err(failure) => {
+                    tracing::warn!(model = %self.name, sequence = %seq.label,
+                        transient = failure.transient, error = %failure.message,
+                        "sequence failed alone");
+                    self.observer.decoder(
+                        &self.name,
+                        &DecoderEvent::Finished {
+                            generated: seq.generated.len(),
+                        },
+                    );
+                    let _ = seq.reply.send(Err(failure));
+                }
+            }
+        }
+        self.active = kept;
+        self.cache = cache;
+        if self.active.is_empty() {
+            self.report_load();
+            return None;
+        }
+        Some(next)
+    }
+}
+
+/// The decoder's prefill calls as fault-injection rules name them (`fail@model.prefill`); its
+/// batched decode steps are `model.decoder`.
+pub const PREFILL: &str = "prefill";
+
 /// A sequence sent to the decoder thread.
 struct Submitted {
     request: SequenceRequest,
     enqueued: Instant,
     reply: Reply,
+    job: Option<Arc<str>>,
 }
 
 /// Handle to the decoder thread that runs a [`Scheduler`] (cheap to clone).
@@ -456,12 +616,12 @@ impl Decoder {
         spawn_model_thread(&name, move || loop {
             if scheduler.is_idle() {
                 match rx.blocking_recv() {
-                    Some(s) => scheduler.enqueue(s.request, s.enqueued, s.reply),
+                    Some(s) => scheduler.submit(s),
                     None => return,
                 }
             }
             while let Ok(s) = rx.try_recv() {
-                scheduler.enqueue(s.request, s.enqueued, s.reply);
+                scheduler.submit(s);
             }
             scheduler.admit();
             scheduler.step();
@@ -469,15 +629,18 @@ impl Decoder {
         Decoder { name, tx }
     }
 
-    /// Generates one sequence (waits for room when `max_queue` sequences are waiting).
-    pub async fn generate(&self, request: SequenceRequest) -> Result<Generation, String> {
+    /// Generates one sequence (waits for room when `max_queue` sequences are waiting). A
+    /// failure says whether it is transient (the model could not run it now: out of memory,
+    /// device busy, shutting down) or the sequence's own.
+    pub async fn generate(&self, request: SequenceRequest) -> Result<Generation, ModelFailure> {
         let (reply, rx) = oneshot::channel();
-        let closed = || format!("model {} is shut down", self.name);
+        let closed = || ModelFailure::transient(format!("model {} is shut down", self.name));
         self.tx
             .send(Submitted {
                 request,
                 enqueued: Instant::now(),
                 reply,
+                job: crate::faults::current_job(),
             })
             .await
             .map_err(|_| closed())?;
@@ -494,6 +657,8 @@ mod tests {
             max_active,
             max_kv_bytes,
             max_queue: 16,
+            retries: 0,
+            retry_backoff: Duration::ZERO,
         }
     }
 
