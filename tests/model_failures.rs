@@ -35,8 +35,28 @@ fn blemished_png() -> Vec<u8> {
     out.into_inner()
 }
 
-/// Runs `retoucher run` on a JSONL file of jobs (one per id, same image) with these faults and
-/// extra arguments; returns (exit success, stderr, out folder).
+/// Runs `retoucher run` on `dir/jobs.jsonl` (images next to it) with `bundle`, these faults and
+/// extra arguments; returns (exit success, stderr). Results go to `dir/out`.
+fn run_file(dir: &Path, bundle: &str, faults: &str, args: &[&str]) -> (bool, String) {
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_retoucher"))
+            .arg("run")
+            .arg(dir.join("jobs.jsonl"))
+            .arg("--out")
+            .arg(dir.join("out"))
+            .args(["--bundle", &path_str(&repo().join(bundle))])
+            .args(args)
+            .env("RETOUCHER_FAULTS", faults)
+            .env("RUST_LOG", "warn"),
+        Duration::from_secs(300),
+    );
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the reference bundle on one job per id, all the same image.
 fn run_jobs(dir: &Path, ids: &[&str], faults: &str, args: &[&str]) -> (bool, String) {
     std::fs::write(dir.join("in.png"), blemished_png()).unwrap();
     let lines: Vec<String> = ids
@@ -44,22 +64,7 @@ fn run_jobs(dir: &Path, ids: &[&str], faults: &str, args: &[&str]) -> (bool, Str
         .map(|id| json!({"job_id": id, "image": "in.png", "prompt": "a photo"}).to_string())
         .collect();
     std::fs::write(dir.join("jobs.jsonl"), lines.join("\n")).unwrap();
-    let out = output_within(
-        Command::new(env!("CARGO_BIN_EXE_retoucher"))
-            .arg("run")
-            .arg(dir.join("jobs.jsonl"))
-            .arg("--out")
-            .arg(dir.join("out"))
-            .args(["--bundle", &path_str(&repo().join("models/reference"))])
-            .args(args)
-            .env("RETOUCHER_FAULTS", faults)
-            .env("RUST_LOG", "warn"),
-        Duration::from_secs(180),
-    );
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_file(dir, "models/reference", faults, args)
 }
 
 fn has_result(dir: &Path, id: &str) -> bool {
@@ -238,24 +243,16 @@ fn run_vlm_jobs(dir: &Path, ids: &[&str], faults: &str) -> (bool, String) {
         })
         .collect();
     std::fs::write(dir.join("jobs.jsonl"), lines.join("\n")).unwrap();
-    let out = output_within(
-        Command::new(env!("CARGO_BIN_EXE_retoucher"))
-            .arg("run")
-            .arg(dir.join("jobs.jsonl"))
-            .arg("--out")
-            .arg(dir.join("out"))
-            .args(["--bundle", &path_str(&repo().join("models/vlm-reference"))])
-            .args(["--concurrency", &ids.len().to_string()])
-            .args(["--set", "batching.decoder.max_batch_size=4"])
-            .args(["--set", "batching.decoder.retry_backoff_ms=1"])
-            .env("RETOUCHER_FAULTS", faults)
-            .env("RUST_LOG", "warn"),
-        Duration::from_secs(300),
-    );
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let concurrency = ids.len().to_string();
+    let args = [
+        "--concurrency",
+        concurrency.as_str(),
+        "--set",
+        "batching.decoder.max_batch_size=4",
+        "--set",
+        "batching.decoder.retry_backoff_ms=1",
+    ];
+    run_file(dir, "models/vlm-reference", faults, &args)
 }
 
 /// The log without its colour codes.

@@ -277,18 +277,11 @@ impl Scheduler {
         let started = Instant::now();
         let prompt_tokens = request.prompt.ids.len();
         let jobs = [job.clone()];
-        let mut result = self.prefill_call(&request.prompt, &jobs);
-        let mut pause = self.settings.retry_backoff;
-        for _ in 0..self.settings.retries {
-            match &result {
-                Err(f) if f.transient => {
-                    std::thread::sleep(pause);
-                    pause = pause.saturating_mul(2);
-                    result = self.prefill_call(&request.prompt, &jobs);
-                }
-                _ => break,
-            }
-        }
+        let settings = self.settings;
+        let first = self.prefill_call(&request.prompt, &jobs);
+        let result = with_retries(&settings, first, || {
+            self.prefill_call(&request.prompt, &jobs)
+        });
         let (token, cache) = match result {
             Ok(done) => done,
             Err(failure) => {
@@ -513,42 +506,29 @@ impl Scheduler {
         tracing::warn!(model = %self.name, sequences = tokens.len(), transient = failure.transient,
             error = %failure.message, "decode step failed: stepping each sequence alone");
         let mut rows: Vec<Result<(u32, KvBatch), ModelFailure>> = Vec::with_capacity(tokens.len());
+        let settings = self.settings;
         for r in 0..tokens.len() {
-            let mut last = if tokens.len() == 1 {
-                Err(failure.clone())
-            } else {
-                let mut row = self.cache.row(r);
+            let (model, name, cache) = (&mut self.model, self.name.as_str(), &self.cache);
+            let mut alone = || {
+                let mut row = cache.row(r);
+                let rows = r..r + 1;
                 Self::step_call(
-                    &mut self.model,
-                    &self.name,
+                    model,
+                    name,
                     &mut row,
-                    &tokens[r..=r],
-                    &deltas[r..=r],
-                    &jobs[r..=r],
+                    &tokens[rows.clone()],
+                    &deltas[rows.clone()],
+                    &jobs[rows],
                 )
                 .map(|next| (next[0], row))
             };
-            let mut pause = self.settings.retry_backoff;
-            for _ in 0..self.settings.retries {
-                match &last {
-                    Err(f) if f.transient => {
-                        std::thread::sleep(pause);
-                        pause = pause.saturating_mul(2);
-                        let mut row = self.cache.row(r);
-                        last = Self::step_call(
-                            &mut self.model,
-                            &self.name,
-                            &mut row,
-                            &tokens[r..=r],
-                            &deltas[r..=r],
-                            &jobs[r..=r],
-                        )
-                        .map(|next| (next[0], row));
-                    }
-                    _ => break,
-                }
-            }
-            rows.push(last);
+            // A batch of one has just failed alone.
+            let first = if tokens.len() == 1 {
+                Err(failure.clone())
+            } else {
+                alone()
+            };
+            rows.push(with_retries(&settings, first, alone));
         }
         let mut cache = KvBatch::empty(self.model.kv);
         let mut next = Vec::new();
@@ -586,6 +566,28 @@ impl Scheduler {
         }
         Some(next)
     }
+}
+
+/// `first` (a call's first attempt), then the call again after a pause, doubling, while it
+/// fails transiently and `settings.retries` are left.
+fn with_retries<T>(
+    settings: &SchedulerSettings,
+    first: Result<T, ModelFailure>,
+    mut call: impl FnMut() -> Result<T, ModelFailure>,
+) -> Result<T, ModelFailure> {
+    let mut result = first;
+    let mut pause = settings.retry_backoff;
+    for _ in 0..settings.retries {
+        match &result {
+            Err(failure) if failure.transient => {
+                std::thread::sleep(pause);
+                pause = pause.saturating_mul(2);
+                result = call();
+            }
+            _ => break,
+        }
+    }
+    result
 }
 
 /// The decoder's prefill calls as fault-injection rules name them (`fail@model.prefill`); its
