@@ -86,7 +86,7 @@ from onnx import TensorProto, numpy_helper
 import onnxruntime as ort
 from onnxruntime.transformers import float16 as ort_float16
 
-from write_bundle import sha256_file  # same folder: the bundle writers share it
+from write_bundle import external_files, sha256_file  # same folder: the bundle writers share them
 
 MANIFEST = "bundle.toml"
 TWO_GB = 2**31 - 2**26            # save with external data beyond this (protobuf's 2 GB limit, with margin)
@@ -138,15 +138,6 @@ def model_roles(manifest: dict, root: str) -> list[tuple[str, str]]:
 
 def selected(role: str, only: list[str] | None) -> bool:
     return only is None or role in only or role.split("/")[0] in only
-
-
-def external_files(model: onnx.ModelProto) -> list[str]:
-    names = set()
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                names.add(entry.value)
-    return sorted(names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +592,7 @@ def convert_model(role: str, src_path: str, manifest: dict, root: str, args, run
     model = onnx.load(src_path)
     rep: dict = {"role": role, "nodes_before": len(model.graph.node),
                  "size_mb_before": round(os.path.getsize(src_path) / 1e6 + sum(
-                     os.path.getsize(os.path.join(os.path.dirname(src_path), f)) for f in external_files(onnx.load(src_path, load_external_data=False))) / 1e6, 3),
+                     os.path.getsize(os.path.join(os.path.dirname(src_path), f)) for f in external_files(src_path)) / 1e6, 3),
                  "fused_ops_before": fused_counts(model)}
     f32_inits = sum(1 for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
     if f32_inits == 0 and not any(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in model.graph.input):
@@ -947,7 +938,7 @@ def main(argv=None) -> int:
             note = f"float16 by models/export/fp16.py {flags} (onnxruntime {ort.__version__}" + \
                    (f", fused as {rep['fusion']})" if rep["fusion"] != "none" else ", unfused)")
             set_metadata(model, note, args.io == "f16")
-            ext_before = external_files(onnx.load(src_path, load_external_data=False))
+            ext_before = external_files(src_path)
             dst = os.path.join(out, rel)
             written = save_model(model, dst)
             folder = os.path.dirname(rel)
