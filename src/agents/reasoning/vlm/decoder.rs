@@ -142,24 +142,12 @@ impl DecoderModel {
         }
         let mut cache = KvBatch::blank(self.kv, 1);
         let inputs_embeds = HostTensor::f32(vec![1, s as i64, h as i64], embeds);
-        let mask = cache.step_mask(s);
         let positions = HostTensor::i64(vec![3, 1, s as i64], prompt.positions.ids.clone());
-        let token = {
-            let past = cache.past_inputs();
-            let mut inputs: Vec<(&str, &HostTensor)> = vec![
-                ("inputs_embeds", &inputs_embeds),
-                ("attention_mask", &mask),
-                ("position_ids", &positions),
-            ];
-            inputs.extend(past.iter().map(|(n, t)| (n.as_str(), *t)));
-            let outputs = self.decoder.run(&inputs)?;
-            let token = last_argmax(&outputs.view("logits")?, 1, s)?
-                .into_iter()
-                .next()
-                .context("no logits")?;
-            cache.advance(&outputs, s)?;
-            token
-        };
+        let token = self
+            .forward(&mut cache, &inputs_embeds, &positions, s)?
+            .into_iter()
+            .next()
+            .context("no logits")?;
         Ok((token, cache))
     }
 
@@ -178,7 +166,6 @@ impl DecoderModel {
         }
         let embeds = self.embed(tokens.to_vec(), b)?;
         let inputs_embeds = HostTensor::f32(vec![b as i64, 1, self.hidden as i64], embeds);
-        let mask = cache.step_mask(1);
         let row: Vec<i64> = cache
             .lengths()
             .iter()
@@ -186,21 +173,32 @@ impl DecoderModel {
             .map(|(&len, &delta)| len as i64 + delta)
             .collect();
         let positions = HostTensor::i64(vec![3, b as i64, 1], row.repeat(3));
-        let next = {
-            let past = cache.past_inputs();
-            let mut inputs: Vec<(&str, &HostTensor)> = vec![
-                ("inputs_embeds", &inputs_embeds),
-                ("attention_mask", &mask),
-                ("position_ids", &positions),
-            ];
-            inputs.extend(past.iter().map(|(n, t)| (n.as_str(), *t)));
-            let outputs = self.decoder.run(&inputs)?;
-            let next = last_argmax(&outputs.view("logits")?, b, 1)?;
-            // `past` borrows the cache until here.
-            drop(past);
-            cache.advance(&outputs, 1)?;
-            next
-        };
+        self.forward(cache, &inputs_embeds, &positions, 1)
+    }
+
+    /// One decoder call on `new` positions of every row of `cache` (the prompt of a prefill, the
+    /// last token of a step): the last position's argmax per row; the cache grows by `new`
+    /// slots per row, only once the call has succeeded.
+    fn forward(
+        &mut self,
+        cache: &mut KvBatch,
+        inputs_embeds: &HostTensor,
+        positions: &HostTensor,
+        new: usize,
+    ) -> anyhow::Result<Vec<u32>> {
+        let mask = cache.step_mask(new);
+        let past = cache.past_inputs();
+        let mut inputs: Vec<(&str, &HostTensor)> = vec![
+            ("inputs_embeds", inputs_embeds),
+            ("attention_mask", &mask),
+            ("position_ids", positions),
+        ];
+        inputs.extend(past.iter().map(|(n, t)| (n.as_str(), *t)));
+        let outputs = self.decoder.run(&inputs)?;
+        let next = last_argmax(&outputs.view("logits")?, cache.rows(), new)?;
+        // `past` borrows the cache until here.
+        drop(past);
+        cache.advance(&outputs, new)?;
         Ok(next)
     }
 }
