@@ -43,20 +43,6 @@ fn job(world: &World, id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Polls `cond` every 100 ms until it holds or `timeout` passes; returns whether it held.
-async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn gauge(worker: &Worker, name: &str) -> f64 {
     metric_sum(&worker.metrics(), name, "")
 }

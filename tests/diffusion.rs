@@ -17,7 +17,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -28,33 +28,12 @@ use retoucher::agents::action::diffusion::{
 use retoucher::agents::text::{EncodingSpec, PromptEncoder};
 use retoucher::agents::LoadContext;
 use retoucher::bundle::Bundle;
-use retoucher::engine::batcher::{BatchObserver, BatchRecord, NoObserver};
+use retoucher::engine::batcher::{BatchObserver, NoObserver};
 use retoucher::engine::{load_session, InputSpec, OnnxModel, TensorData};
 use serde_json::{json, Value};
 
 fn bundle_root() -> PathBuf {
     repo().join("models/diffusion-reference")
-}
-
-/// Batch sizes per model.
-#[derive(Default)]
-struct Sizes(Mutex<BTreeMap<String, Vec<usize>>>);
-
-impl BatchObserver for Sizes {
-    fn batch(&self, model: &str, record: &BatchRecord) {
-        let mut sizes = self.0.lock().unwrap();
-        sizes
-            .entry(model.to_string())
-            .or_default()
-            .push(record.size);
-    }
-    fn queue_depth(&self, _: &str, _: usize) {}
-}
-
-impl Sizes {
-    fn take(&self, model: &str) -> Vec<usize> {
-        self.0.lock().unwrap().remove(model).unwrap_or_default()
-    }
 }
 
 /// The tool on the reference bundle with some keys of its table replaced.
@@ -517,7 +496,7 @@ async fn inpaint_all(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regions_of_different_jobs_share_unet_batches_and_get_what_they_get_alone() {
-    let sizes = Arc::new(Sizes::default());
+    let sizes = Arc::new(BatchSizes::default());
     let tool = load_tool(&[], sizes.clone());
     // Three jobs at different step counts: their schedules share only t = 1.
     let requests = [("job-a", 20), ("job-b", 12), ("job-c", 7)];

@@ -9,12 +9,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use common::{cpu_engine, thread_names};
+use common::{cpu_engine, thread_names, BatchSizes};
 use retoucher::agents::{warm_up_sizes, Agents, ModelRole};
 use retoucher::bundle::Bundle;
-use retoucher::engine::batcher::{BatchObserver, BatchRecord};
 use retoucher::engine::load_session;
 
 #[test]
@@ -39,21 +38,6 @@ fn session_pool_threads_are_named_after_the_model() {
     drop(session);
 }
 
-/// Batch sizes run per model, in order.
-#[derive(Default)]
-struct Sizes(Mutex<BTreeMap<String, Vec<usize>>>);
-
-impl BatchObserver for Sizes {
-    fn batch(&self, model: &str, record: &BatchRecord) {
-        let mut sizes = self.0.lock().unwrap();
-        sizes
-            .entry(model.to_string())
-            .or_default()
-            .push(record.size);
-    }
-    fn queue_depth(&self, _: &str, _: usize) {}
-}
-
 #[test]
 fn warm_up_sizes_are_every_size_largest_first_or_only_the_largest() {
     assert_eq!(warm_up_sizes(4, true), vec![4, 3, 2, 1]);
@@ -66,7 +50,7 @@ async fn warm_up_runs_each_size_as_one_batch() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/reference");
     let bundle = Bundle::load(&root).expect("the reference bundle");
     let options = cpu_engine(1);
-    let sizes = Arc::new(Sizes::default());
+    let sizes = Arc::new(BatchSizes::default());
     let agents = Agents::load(bundle, &options, &BTreeMap::new(), sizes.clone()).unwrap();
     let max = agents.perception.served().max_batch_size;
     assert!(max >= 2, "the reference bundle batches perception");
@@ -74,12 +58,12 @@ async fn warm_up_runs_each_size_as_one_batch() {
 
     // On the CPU: one full batch per model.
     agents.warm_up().await.unwrap();
-    let seen = std::mem::take(&mut *sizes.0.lock().unwrap());
+    let seen = sizes.take_all();
     assert_eq!(seen["perception"], vec![max], "{seen:?}");
     assert_eq!(seen["classifier"], vec![classifier]);
 
     // Every size, as on a GPU: each wave is one batch of exactly that size.
     agents.perception.served().warm_up(true).await.unwrap();
-    let seen = std::mem::take(&mut *sizes.0.lock().unwrap());
+    let seen = sizes.take_all();
     assert_eq!(seen["perception"], warm_up_sizes(max, true), "{seen:?}");
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Longest wait for any one outcome; every wait in this file is bounded.
 const WAIT: Duration = Duration::from_secs(60);
@@ -33,16 +33,6 @@ fn small_input() -> Vec<u8> {
         .write_to(&mut out, image::ImageFormat::Png)
         .expect("encode the test input");
     out.into_inner()
-}
-
-fn job(world: &World, id: &str) -> Vec<u8> {
-    json!({
-        "job_id": id,
-        "image": format!("s3://{}/in.png", world.input),
-        "prompt": "close up photo of a tabby cat",
-    })
-    .to_string()
-    .into_bytes()
 }
 
 /// Asserts that the job's result set is complete and returns its diagnostics.
@@ -109,7 +99,7 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     let mut first = world.spawn_worker(&[("RETOUCHER_FAULTS", "sleep@after_fetch=60000")]);
     first.try_wait_ready(READY).unwrap();
     let id = unique("killed");
-    world.publish(&job(&world, &id)).await;
+    world.publish(&cat_job(&world, &id)).await;
     assert!(
         first.wait_log("fault injection: sleeping", WAIT),
         "the job never reached the worker:\n{}",
@@ -153,7 +143,7 @@ async fn a_crash_before_the_commit_marker_is_recomputed_not_trusted() {
     let id = unique("torn");
     let mut first = world.spawn_worker(&[("RETOUCHER_FAULTS", "crash@before_diagnostics")]);
     first.try_wait_ready(READY).unwrap();
-    world.publish(&job(&world, &id)).await;
+    world.publish(&cat_job(&world, &id)).await;
     let status = first
         .wait_exit(WAIT)
         .unwrap_or_else(|| panic!("the fault did not fire:\n{}", first.log_text()));
@@ -200,7 +190,7 @@ async fn a_job_that_crashes_every_worker_ends_in_the_dead_queue() {
     let faults = [("RETOUCHER_FAULTS", "crash@after_fetch:poison-")];
 
     let poison = unique("poison");
-    world.publish(&job(&world, &poison)).await;
+    world.publish(&cat_job(&world, &poison)).await;
     // Restart the worker each time the poison kills it, as a supervisor would; bounded, so a
     // missing delivery limit fails the test instead of looping for ever.
     let mut crashes = 0;
@@ -250,12 +240,16 @@ async fn a_job_that_crashes_every_worker_ends_in_the_dead_queue() {
         "x-delivery-limit = 5: the first delivery and five redeliveries"
     );
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].body, job(&world, &poison), "the body is untouched");
+    assert_eq!(
+        dead[0].body,
+        cat_job(&world, &poison),
+        "the body is untouched"
+    );
     assert_eq!(dead[0].death_reason, "delivery_limit", "{:?}", dead[0]);
 
     // The worker that survived serves the next job.
     let good = unique("after-poison");
-    world.publish(&job(&world, &good)).await;
+    world.publish(&cat_job(&world, &good)).await;
     let got = events.wait_for(std::slice::from_ref(&good), WAIT).await;
     assert_eq!(got[0].0, "job.succeeded", "{}", got[0].1);
     complete_result_set(&world, &good, &input).await;
@@ -280,7 +274,7 @@ async fn a_panicking_job_fails_alone() {
     let before = unique("before-boom");
     let after = unique("after-boom");
     for id in [&before, &boom, &after] {
-        world.publish(&job(&world, id)).await;
+        world.publish(&cat_job(&world, id)).await;
     }
     let got = events
         .wait_for(&[before.clone(), boom.clone(), after.clone()], WAIT)
@@ -293,7 +287,7 @@ async fn a_panicking_job_fails_alone() {
 
     let dead = world.wait_dead_letters(1, WAIT).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].body, job(&world, &boom));
+    assert_eq!(dead[0].body, cat_job(&world, &boom));
     assert_eq!(dead[0].class, "internal");
     assert!(
         dead[0].reason.contains("panicked") && dead[0].reason.contains("injected fault"),
@@ -305,7 +299,7 @@ async fn a_panicking_job_fails_alone() {
     assert!(worker.is_running());
     assert_eq!(http_get(worker.port, "/healthz").map(|(c, _)| c), Some(200));
     let later = unique("later");
-    world.publish(&job(&world, &later)).await;
+    world.publish(&cat_job(&world, &later)).await;
     let got = events.wait_for(std::slice::from_ref(&later), WAIT).await;
     assert_eq!(got[0].0, "job.succeeded", "{}", got[0].1);
     for id in [&before, &after, &later] {
@@ -357,7 +351,7 @@ async fn sigterm_under_load(drain_timeout_secs: &str, faults: &str, expect_unfin
         })
         .collect();
     for id in &ids {
-        world.publish(&job(&world, id)).await;
+        world.publish(&cat_job(&world, id)).await;
     }
     assert!(
         first.wait_log("fault injection: sleeping", WAIT),

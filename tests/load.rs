@@ -514,20 +514,6 @@ async fn load_run_every_job_accounted_for() {
     .await;
 }
 
-/// Polls `cond` every 100 ms until it holds or `timeout` passes; returns whether it held.
-async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn load_run(plan: Plan) {
     let Plan {
         jobs,

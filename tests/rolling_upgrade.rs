@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use common::*;
 use retoucher::broker::topology;
-use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -81,20 +80,10 @@ fn migrate(world: &World, folder: Option<&Path>) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn job(world: &World, id: &str) -> Vec<u8> {
-    json!({
-        "job_id": id,
-        "image": format!("s3://{}/in.png", world.input),
-        "prompt": "close up photo of a tabby cat",
-    })
-    .to_string()
-    .into_bytes()
-}
-
 /// Publishes one job and waits for its `job.succeeded`.
 async fn one_job_succeeds(world: &World, events: &mut Events, worker: &Worker, tag: &str) {
     let id = unique(tag);
-    world.publish(&job(world, &id)).await;
+    world.publish(&cat_job(world, &id)).await;
     let got = events.wait_for(std::slice::from_ref(&id), WAIT).await;
     assert_eq!(
         got[0].0,

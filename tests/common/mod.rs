@@ -1182,3 +1182,56 @@ pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Ou
         stderr,
     }
 }
+
+/// Polls `cond` every 100 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A v1 job message for the world's `in.png` with a fixed prompt.
+pub fn cat_job(world: &World, id: &str) -> Vec<u8> {
+    serde_json::json!({
+        "job_id": id,
+        "image": format!("s3://{}/in.png", world.input),
+        "prompt": "close up photo of a tabby cat",
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Records the batch sizes each model ran, in order (a [`BatchObserver`] for in-process
+/// engines).
+#[derive(Default)]
+pub struct BatchSizes(Mutex<std::collections::BTreeMap<String, Vec<usize>>>);
+
+impl retoucher::engine::batcher::BatchObserver for BatchSizes {
+    fn batch(&self, model: &str, record: &retoucher::engine::batcher::BatchRecord) {
+        let mut sizes = self.0.lock().unwrap();
+        sizes
+            .entry(model.to_string())
+            .or_default()
+            .push(record.size);
+    }
+    fn queue_depth(&self, _: &str, _: usize) {}
+}
+
+impl BatchSizes {
+    /// The sizes `model` ran since the last take.
+    pub fn take(&self, model: &str) -> Vec<usize> {
+        self.0.lock().unwrap().remove(model).unwrap_or_default()
+    }
+
+    /// Every model's sizes since the last take.
+    pub fn take_all(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
